@@ -1,0 +1,14 @@
+//! pare: fit a language model to a memory budget, adapt it, and run it fast.
+//!
+//! The crate is organised by layers (see DESIGN.md): [`format`] reads model files, [`quant`] holds the
+//! weight formats and their kernels, [`model`] is the transformer, [`infer`] generates text and
+//! [`eval`] measures perplexity and speed. The `pare` binary is a thin CLI over these.
+
+pub mod error;
+pub mod eval;
+pub mod format;
+pub mod infer;
+pub mod model;
+pub mod quant;
+
+pub use error::{Error, Result};
