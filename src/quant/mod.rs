@@ -1,6 +1,9 @@
 //! Weight formats: ggml's storage types, dequantization and the compute kernels on packed weights.
 
+pub mod activation;
 pub mod dequant;
 pub mod ggml_type;
+pub mod kernels;
+pub mod matmul;
 
 pub use ggml_type::GgmlType;

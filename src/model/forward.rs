@@ -1,0 +1,321 @@
+//! The forward pass over preallocated buffers: a batch of tokens at consecutive positions goes
+//! through every layer, appending to the KV cache; logits come out for the positions asked for.
+
+use rayon::prelude::*;
+
+use super::config::Config;
+use super::kv_cache::KvCache;
+use super::ops;
+use super::Model;
+use crate::error::{Error, Result};
+use crate::quant::activation::Q8Acts;
+use crate::quant::matmul::{matmul, matmul_many, Input, QMatrix};
+
+/// Which positions of a batch need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// Tokens per internal micro-batch: bounds the scratch buffers.
+pub const MAX_UBATCH: usize = 512;
+
+/// Per-sequence state: the KV cache, the next position, and scratch buffers sized once.
+pub struct State {
+    pub kv: KvCache,
+    /// Number of positions already in the cache.
+    pub pos: usize,
+    s: Scratch,
+    /// Logits of the last forward call, `[n × n_vocab]`.
+    pub logits: Vec<f32>,
+}
+
+/// Buffers for one micro-batch, allocated once per state.
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    q8: Q8Acts,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(c: &Config, n: usize) -> Scratch {
+        let z = |m: usize| vec![0.0f32; n * m];
+        Scratch {
+            x: z(c.n_embd),
+            xn: z(c.n_embd.max(c.q_dim())),
+            q: z(c.q_dim()),
+            k: z(c.kv_dim()),
+            v: z(c.kv_dim()),
+            att: z(c.q_dim()),
+            o: z(c.n_embd),
+            gate: z(c.n_ff),
+            up: z(c.n_ff),
+            q8: Q8Acts::default(),
+            cos: z(c.head_dim / 2),
+            sin: z(c.head_dim / 2),
+        }
+    }
+}
+
+impl State {
+    /// A fresh state that holds up to `n_ctx` positions.
+    pub fn new(model: &Model, n_ctx: usize) -> Result<State> {
+        if n_ctx == 0 {
+            return Err(Error::Invalid("context size must be at least 1".into()));
+        }
+        Ok(State {
+            kv: KvCache::new(&model.config, n_ctx)?,
+            pos: 0,
+            s: Scratch::new(&model.config, MAX_UBATCH.min(n_ctx)),
+            logits: Vec::new(),
+        })
+    }
+
+    /// Forgets all positions (the buffers stay allocated).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+}
+
+impl Model {
+    /// Runs `tokens` at positions `state.pos..`, appends them to the cache, and leaves the
+    /// requested logits in `state.logits` (`Last`: one row; `All`: one row per token).
+    pub fn forward(&self, state: &mut State, tokens: &[u32], want: Logits) -> Result<()> {
+        let c = &self.config;
+        if state.pos + tokens.len() > state.kv.capacity {
+            return Err(Error::Invalid(format!(
+                "context full: {} positions + {} tokens exceed the context of {}",
+                state.pos,
+                tokens.len(),
+                state.kv.capacity
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.n_vocab
+            )));
+        }
+        let n_out = match want {
+            Logits::None => 0,
+            Logits::Last => usize::from(!tokens.is_empty()),
+            Logits::All => tokens.len(),
+        };
+        state.logits.resize(n_out * c.n_vocab, 0.0);
+        let ub = state.s.x.len() / c.n_embd;
+        let mut done = 0;
+        for chunk in tokens.chunks(ub) {
+            let last_chunk = done + chunk.len() == tokens.len();
+            let rows = match want {
+                Logits::None => 0..0,
+                Logits::Last if last_chunk => chunk.len() - 1..chunk.len(),
+                Logits::Last => 0..0,
+                Logits::All => 0..chunk.len(),
+            };
+            let out_off = match want {
+                Logits::All => done * c.n_vocab,
+                _ => 0,
+            };
+            self.forward_ubatch(state, chunk, rows, out_off)?;
+            done += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// One micro-batch through all layers; logits for `rows` of it go to `state.logits[out_off..]`.
+    fn forward_ubatch(
+        &self,
+        st: &mut State,
+        tokens: &[u32],
+        rows: std::ops::Range<usize>,
+        out_off: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        let w = &self.weights;
+        let n = tokens.len();
+        let (d, hd) = (c.n_embd, c.head_dim);
+        let p0 = st.pos;
+        let s = &mut st.s;
+
+        for (t, &tok) in tokens.iter().enumerate() {
+            w.token_embd
+                .dequantize_row(tok as usize, &mut s.x[t * d..(t + 1) * d])?;
+            ops::rope_table(
+                p0 + t,
+                hd,
+                c.rope_theta,
+                &mut s.cos[t * hd / 2..(t + 1) * hd / 2],
+                &mut s.sin[t * hd / 2..(t + 1) * hd / 2],
+            );
+        }
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            // Attention block.
+            let xn = &mut s.xn[..n * d];
+            ops::rms_norm(&s.x[..n * d], &lw.attn_norm, c.rms_eps, xn);
+            quantize_for(&mut s.q8, xn, n, d, &[&lw.wq, &lw.wk, &lw.wv]);
+            let input = Input {
+                x: xn,
+                q8: &s.q8,
+                n,
+            };
+            let (q, k, v) = (
+                &mut s.q[..n * c.q_dim()],
+                &mut s.k[..n * c.kv_dim()],
+                &mut s.v[..n * c.kv_dim()],
+            );
+            matmul_many(
+                &mut [(&lw.wq, &mut *q), (&lw.wk, &mut *k), (&lw.wv, &mut *v)],
+                &input,
+            );
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                ops::rms_norm_inplace(q, qn, c.rms_eps);
+                ops::rms_norm_inplace(k, kn, c.rms_eps);
+            }
+            for t in 0..n {
+                let (cos, sin) = (
+                    &s.cos[t * hd / 2..(t + 1) * hd / 2],
+                    &s.sin[t * hd / 2..(t + 1) * hd / 2],
+                );
+                ops::rope(
+                    &mut q[t * c.q_dim()..(t + 1) * c.q_dim()],
+                    hd,
+                    c.rope_style,
+                    cos,
+                    sin,
+                );
+                ops::rope(
+                    &mut k[t * c.kv_dim()..(t + 1) * c.kv_dim()],
+                    hd,
+                    c.rope_style,
+                    cos,
+                    sin,
+                );
+            }
+            st.kv.store(l, p0, k, v);
+            attention(c, &st.kv, l, p0, q, &mut s.att[..n * c.q_dim()]);
+
+            let att = &s.att[..n * c.q_dim()];
+            quantize_for(&mut s.q8, att, n, c.q_dim(), &[&lw.wo]);
+            let o = &mut s.o[..n * d];
+            matmul(
+                &lw.wo,
+                &Input {
+                    x: att,
+                    q8: &s.q8,
+                    n,
+                },
+                o,
+            );
+            for (x, &y) in s.x[..n * d].iter_mut().zip(o.iter()) {
+                *x += y;
+            }
+
+            // Feed-forward block.
+            let xn = &mut s.xn[..n * d];
+            ops::rms_norm(&s.x[..n * d], &lw.ffn_norm, c.rms_eps, xn);
+            quantize_for(&mut s.q8, xn, n, d, &[&lw.gate, &lw.up]);
+            let (gate, up) = (&mut s.gate[..n * c.n_ff], &mut s.up[..n * c.n_ff]);
+            matmul_many(
+                &mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)],
+                &Input {
+                    x: xn,
+                    q8: &s.q8,
+                    n,
+                },
+            );
+            ops::swiglu(gate, up);
+            quantize_for(&mut s.q8, gate, n, c.n_ff, &[&lw.down]);
+            matmul(
+                &lw.down,
+                &Input {
+                    x: gate,
+                    q8: &s.q8,
+                    n,
+                },
+                o,
+            );
+            for (x, &y) in s.x[..n * d].iter_mut().zip(o.iter()) {
+                *x += y;
+            }
+        }
+        st.pos += n;
+
+        if !rows.is_empty() {
+            let m = rows.len();
+            let xn = &mut s.xn[..m * d];
+            ops::rms_norm(
+                &s.x[rows.start * d..rows.end * d],
+                &w.output_norm,
+                c.rms_eps,
+                xn,
+            );
+            quantize_for(&mut s.q8, xn, m, d, &[&w.output]);
+            let out = &mut st.logits[out_off..out_off + m * c.n_vocab];
+            matmul(
+                &w.output,
+                &Input {
+                    x: xn,
+                    q8: &s.q8,
+                    n: m,
+                },
+                out,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Quantizes activations to 8 bits when one of the matrices about to read them uses them.
+fn quantize_for(q8: &mut Q8Acts, x: &[f32], n: usize, cols: usize, ws: &[&QMatrix]) {
+    if ws.iter().any(|w| w.wants_q8()) {
+        q8.quantize(x, n, cols);
+    }
+}
+
+thread_local! {
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Causal multi-head attention with grouped KV heads for tokens at positions `p0..p0+n`, reading
+/// keys and values from the cache; one parallel task per (token, head).
+fn attention(c: &Config, kv: &KvCache, layer: usize, p0: usize, q: &[f32], out: &mut [f32]) {
+    let (hd, nh, kvd) = (c.head_dim, c.n_head, c.kv_dim());
+    let group = c.n_head / c.n_head_kv;
+    let n = q.len() / c.q_dim();
+    let keys = kv.keys(layer, p0 + n);
+    let values = kv.values(layer, p0 + n);
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        let (t, h) = (i / nh, i % nh);
+        let kvh = h / group;
+        let qh = &q[t * c.q_dim() + h * hd..][..hd];
+        let len = p0 + t + 1;
+        SCORES.with_borrow_mut(|sc| {
+            sc.resize(len, 0.0);
+            for (j, s) in sc.iter_mut().enumerate() {
+                let kj = &keys[j * kvd + kvh * hd..][..hd];
+                *s = crate::quant::matmul::dot_f32(qh, kj) * scale;
+            }
+            ops::softmax(sc);
+            o.fill(0.0);
+            for (j, &p) in sc.iter().enumerate() {
+                let vj = &values[j * kvd + kvh * hd..][..hd];
+                for (oi, &vi) in o.iter_mut().zip(vj) {
+                    *oi += p * vi;
+                }
+            }
+        });
+    });
+}

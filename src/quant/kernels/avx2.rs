@@ -1,0 +1,149 @@
+//! AVX2 + FMA + F16C kernels; each equals its twin in [`super::scalar`] up to summation order.
+//!
+//! Weight nibbles are unpacked to 32 unsigned bytes once per block and multiplied with the signed
+//! 8-bit activations of up to four tokens by `vpmaddubsw` (u8 × i8 → i16 pairs, which cannot
+//! saturate for 4-bit weights), summed to i32 with `vpmaddwd`, then scaled in f32.
+
+use std::arch::x86_64::*;
+
+use crate::quant::activation::Q8Row;
+use crate::quant::GgmlType;
+
+#[inline(always)]
+pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
+    let h = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+#[inline(always)]
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 bytes of nibbles to 32 bytes: low nibbles first, then high nibbles (ggml's order).
+#[inline(always)]
+pub(crate) unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    let q = _mm_loadu_si128(p as *const __m128i);
+    let m = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(q, m);
+    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
+    _mm256_set_m128i(hi, lo)
+}
+
+#[inline(always)]
+pub(crate) unsafe fn load_x(x: &Q8Row, b: usize) -> __m256i {
+    _mm256_loadu_si256(x.qs.as_ptr().add(b * 32) as *const __m256i)
+}
+
+/// Σ u8 × i8 over 32 bytes as 8 i32 lanes, converted to f32.
+#[inline(always)]
+unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(w, x);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+/// The kernel bodies, shared with the AVX-512 file: each instruction-set module invokes this with its
+/// target features and its own `dot_u8_i8` (u8 × i8 over 32 bytes → 8 f32 lanes) in scope.
+macro_rules! q8_kernels {
+    ($features:literal) => {
+        /// # Safety
+        /// The CPU must support the enabled features; `w` and `xs` must agree in length.
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot_rows(ty: GgmlType, w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+            macro_rules! by_tokens {
+                ($f:ident) => {
+                    match xs.len() {
+                        1 => $f::<1>(w, xs, out),
+                        2 => $f::<2>(w, xs, out),
+                        3 => $f::<3>(w, xs, out),
+                        _ => $f::<4>(w, xs, out),
+                    }
+                };
+            }
+            match ty {
+                GgmlType::Q4_0 => by_tokens!(q4_0),
+                GgmlType::Q4_1 => by_tokens!(q4_1),
+                GgmlType::Q8_0 => by_tokens!(q8_0),
+                other => unreachable!("no 8-bit-activation kernel for {other}"),
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q4_1<const N: usize>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+            let nb = xs[0].d.len();
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut mins = [0.0f32; N];
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * 20);
+                let d = f16_at(blk);
+                let m = f16_at(blk.add(2));
+                let wv = unpack_nibbles(blk.add(4));
+                for t in 0..N {
+                    let x = xs.get_unchecked(t);
+                    let p = dot_u8_i8(wv, load_x(x, b));
+                    let scale = _mm256_set1_ps(d * *x.d.get_unchecked(b));
+                    acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
+                    mins[t] += m * *x.s.get_unchecked(b);
+                }
+            }
+            for t in 0..N {
+                out[t] = hsum(acc[t]) + mins[t];
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q4_0<const N: usize>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+            let nb = xs[0].d.len();
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut offs = [0.0f32; N];
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * 18);
+                let d = f16_at(blk);
+                let wv = unpack_nibbles(blk.add(2));
+                for t in 0..N {
+                    let x = xs.get_unchecked(t);
+                    let p = dot_u8_i8(wv, load_x(x, b));
+                    let scale = _mm256_set1_ps(d * *x.d.get_unchecked(b));
+                    acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
+                    // The stored nibble is q + 8: subtract 8 d_w Σ(d_x x_q) = 8 d_w s.
+                    offs[t] += 8.0 * d * *x.s.get_unchecked(b);
+                }
+            }
+            for t in 0..N {
+                out[t] = hsum(acc[t]) - offs[t];
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q8_0<const N: usize>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+            let nb = xs[0].d.len();
+            let mut acc = [_mm256_setzero_ps(); N];
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * 34);
+                let d = f16_at(blk);
+                let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                // u8 × i8 products need one unsigned operand: use |w| and move w's sign onto x.
+                let aw = _mm256_sign_epi8(wv, wv);
+                for t in 0..N {
+                    let x = xs.get_unchecked(t);
+                    let sx = _mm256_sign_epi8(load_x(x, b), wv);
+                    let p = dot_u8_i8(aw, sx);
+                    let scale = _mm256_set1_ps(d * *x.d.get_unchecked(b));
+                    acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
+                }
+            }
+            for t in 0..N {
+                out[t] = hsum(acc[t]);
+            }
+        }
+    };
+}
+pub(crate) use q8_kernels;
+
+q8_kernels!("avx2,fma,f16c");

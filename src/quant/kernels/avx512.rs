@@ -1,0 +1,17 @@
+//! AVX-512 VNNI kernels (256-bit vectors, AVX512VL): the AVX2 kernel bodies with the u8 × i8 dot
+//! product done by one `vpdpbusd` instead of `vpmaddubsw` + `vpmaddwd`. On Zen 4, 512-bit ops run
+//! as two 256-bit halves, so wider vectors would add shuffles without adding throughput.
+
+use std::arch::x86_64::*;
+
+use super::avx2::{f16_at, hsum, load_x, unpack_nibbles};
+use crate::quant::activation::Q8Row;
+use crate::quant::GgmlType;
+
+/// Σ u8 × i8 over 32 bytes as 8 i32 lanes, converted to f32.
+#[inline(always)]
+unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x))
+}
+
+super::avx2::q8_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");

@@ -1,0 +1,104 @@
+//! Compute kernels on packed weights: dot products of one weight row with up to
+//! [`MAX_TOKENS`] rows of 8-bit activations.
+//!
+//! Each instruction-set file beside [`scalar`] computes the same results as the scalar reference
+//! (up to float summation order); the best path the CPU supports is picked once at run time. The
+//! environment variable `PARE_ISA=scalar|avx2|avx512` forces a lower path (for tests and benchmarks).
+
+use std::sync::OnceLock;
+
+use super::activation::Q8Row;
+use super::GgmlType;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+pub mod scalar;
+
+/// Tokens processed against one weight row per kernel call (the weight row is unpacked once).
+pub const MAX_TOKENS: usize = 4;
+
+/// The instruction sets pare has kernels for, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Every path this CPU can run, for tests that compare each against the scalar reference.
+    pub fn supported() -> Vec<Isa> {
+        let best = detect();
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| i <= best)
+            .collect()
+    }
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        if avx512 {
+            return Isa::Avx512;
+        }
+        if avx2 {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+/// The path in use: the best the CPU has, or a lower one forced by `PARE_ISA`.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detect();
+        match std::env::var("PARE_ISA").ok().as_deref() {
+            Some("scalar") => Isa::Scalar,
+            Some("avx2") => best.min(Isa::Avx2),
+            _ => best,
+        }
+    })
+}
+
+/// Weight types with an 8-bit-activation kernel; others are computed by dequantizing the row.
+pub fn has_q8_kernel(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// `out[t] = w · xs[t]` for one packed weight row `w` of type `ty` and `xs.len() <= MAX_TOKENS`
+/// activation rows, on the given instruction set. `ty` must satisfy [`has_q8_kernel`].
+#[inline]
+pub fn dot_rows(isa: Isa, ty: GgmlType, w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+    debug_assert!(xs.len() <= MAX_TOKENS && out.len() == xs.len());
+    debug_assert!(xs
+        .iter()
+        .all(|x| w.len() == x.d.len() * ty.type_size() * 32 / ty.block_size()));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only Avx512/Avx2 when `detect` found the features these paths enable.
+        Isa::Avx512 => unsafe { avx512::dot_rows(ty, w, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::dot_rows(ty, w, xs, out) },
+        _ => scalar::dot_rows(ty, w, xs, out),
+    }
+}

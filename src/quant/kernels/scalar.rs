@@ -1,0 +1,73 @@
+//! Scalar reference kernels: the definition every SIMD path is tested against.
+
+use crate::quant::activation::Q8Row;
+use crate::quant::GgmlType;
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// `out[t] = w · xs[t]` for one row of Q4_0, Q4_1 or Q8_0 weights.
+pub fn dot_rows(ty: GgmlType, w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        *o = match ty {
+            GgmlType::Q4_0 => dot_q4_0(w, x),
+            GgmlType::Q4_1 => dot_q4_1(w, x),
+            GgmlType::Q8_0 => dot_q8_0(w, x),
+            other => unreachable!("no 8-bit-activation kernel for {other}"),
+        };
+    }
+}
+
+/// Q4_0 block: f16 d, 16 bytes of nibbles (low nibbles are weights 0..16, high ones 16..32);
+/// w = d (q - 8).
+pub fn dot_q4_0(w: &[u8], x: &Q8Row) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, blk) in w.chunks_exact(18).enumerate() {
+        let d = f16_at(blk, 0);
+        let xq = &x.qs[b * 32..b * 32 + 32];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            let q = blk[2 + j];
+            isum += ((q & 0x0F) as i32 - 8) * xq[j] as i32;
+            isum += ((q >> 4) as i32 - 8) * xq[j + 16] as i32;
+        }
+        sum += d * x.d[b] * isum as f32;
+    }
+    sum
+}
+
+/// Q4_1 block: f16 d, f16 m, 16 bytes of nibbles; w = d q + m.
+pub fn dot_q4_1(w: &[u8], x: &Q8Row) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, blk) in w.chunks_exact(20).enumerate() {
+        let d = f16_at(blk, 0);
+        let m = f16_at(blk, 2);
+        let xq = &x.qs[b * 32..b * 32 + 32];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            let q = blk[4 + j];
+            isum += (q & 0x0F) as i32 * xq[j] as i32;
+            isum += (q >> 4) as i32 * xq[j + 16] as i32;
+        }
+        sum += d * x.d[b] * isum as f32 + m * x.s[b];
+    }
+    sum
+}
+
+/// Q8_0 block: f16 d, 32 signed bytes; w = d q.
+pub fn dot_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let d = f16_at(blk, 0);
+        let xq = &x.qs[b * 32..b * 32 + 32];
+        let isum: i32 = blk[2..34]
+            .iter()
+            .zip(xq)
+            .map(|(&q, &xv)| q as i8 as i32 * xv as i32)
+            .sum();
+        sum += d * x.d[b] * isum as f32;
+    }
+    sum
+}

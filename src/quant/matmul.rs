@@ -1,0 +1,206 @@
+//! Matrix products of packed weight matrices with activations, rows split across threads.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::activation::{Q8Acts, Q8Row};
+use super::dequant::dequantize_row;
+use super::kernels::{self, MAX_TOKENS};
+use super::GgmlType;
+use crate::error::{Error, Result};
+
+/// Bytes owned by something that outlives the matrix: a memory-mapped model file or a buffer.
+#[derive(Clone)]
+pub struct WeightBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl WeightBytes {
+    /// A window of `owner`'s bytes; errors when it does not lie inside.
+    pub fn new(
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        start: usize,
+        len: usize,
+    ) -> Result<Self> {
+        let total = (*owner).as_ref().len();
+        if start.checked_add(len).is_none_or(|end| end > total) {
+            return Err(Error::Invalid(format!(
+                "weight bytes {start}..+{len} outside a buffer of {total}"
+            )));
+        }
+        Ok(WeightBytes { owner, start, len })
+    }
+
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let len = v.len();
+        WeightBytes {
+            owner: Arc::new(v),
+            start: 0,
+            len,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.start..self.start + self.len]
+    }
+}
+
+/// A weight matrix of `rows` × `cols` stored row by row in a ggml type (y = W x, one row per output).
+#[derive(Clone)]
+pub struct QMatrix {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    bytes: WeightBytes,
+    row_bytes: usize,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({} {} {}x{})",
+            self.name, self.ty, self.rows, self.cols
+        )
+    }
+}
+
+impl QMatrix {
+    pub fn new(
+        name: &str,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: WeightBytes,
+    ) -> Result<Self> {
+        let row_bytes = ty.row_bytes(cols)?;
+        if rows.checked_mul(row_bytes) != Some(bytes.len) {
+            return Err(Error::Model(format!(
+                "{name}: {} bytes do not hold {rows}x{cols} {ty} weights",
+                bytes.len
+            )));
+        }
+        Ok(QMatrix {
+            name: name.to_string(),
+            ty,
+            rows,
+            cols,
+            bytes,
+            row_bytes,
+        })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
+    pub fn n_bytes(&self) -> usize {
+        self.bytes.len
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Row `r` as f32 values.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        dequantize_row(self.ty, self.row(r), out)
+    }
+
+    /// Whether this matrix is computed on 8-bit activations (then [`Input::q8`] must be filled).
+    pub fn wants_q8(&self) -> bool {
+        kernels::has_q8_kernel(self.ty) && self.cols % 32 == 0
+    }
+}
+
+/// The activations a product reads: `n` rows of `cols` floats and, for weights with an 8-bit
+/// kernel, the same rows quantized.
+pub struct Input<'a> {
+    pub x: &'a [f32],
+    pub q8: &'a Q8Acts,
+    pub n: usize,
+}
+
+/// A raw output pointer shared by threads that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every tile writes only its own rows of its own output (see `matmul_many`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Computes several products over the same input in one parallel region (e.g. Q, K and V):
+/// for each `(w, out)`, `out[t * w.rows + r] = W[r] · x[t]` for the `input.n` tokens.
+pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
+    let n = input.n;
+    let isa = kernels::isa();
+    let threads = rayon::current_num_threads();
+    let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
+    // Enough tiles for load balance, few enough that per-tile overhead stays small.
+    let tile = (total_rows / (threads * 8))
+        .clamp(4, 256)
+        .next_multiple_of(4);
+    let mut tiles = Vec::new();
+    let mut outs = Vec::with_capacity(jobs.len());
+    for (j, (w, out)) in jobs.iter_mut().enumerate() {
+        assert_eq!(out.len(), n * w.rows, "{}: output size", w.name);
+        assert_eq!(input.x.len(), n * w.cols, "{}: input size", w.name);
+        outs.push(OutPtr(out.as_mut_ptr()));
+        for r0 in (0..w.rows).step_by(tile) {
+            tiles.push((j, r0, (r0 + tile).min(w.rows)));
+        }
+    }
+    let mats: Vec<&QMatrix> = jobs.iter().map(|(w, _)| *w).collect();
+    tiles.par_iter().for_each(|&(j, r0, r1)| {
+        let w = mats[j];
+        let out = outs[j];
+        if w.wants_q8() {
+            let rows: Vec<Q8Row> = (0..n).map(|t| input.q8.row(t)).collect();
+            let mut res = [0.0f32; MAX_TOKENS];
+            for r in r0..r1 {
+                let wr = w.row(r);
+                for t0 in (0..n).step_by(MAX_TOKENS) {
+                    let t1 = (t0 + MAX_TOKENS).min(n);
+                    kernels::dot_rows(isa, w.ty, wr, &rows[t0..t1], &mut res[..t1 - t0]);
+                    for t in t0..t1 {
+                        // SAFETY: (t, r) is in bounds and only this tile writes row r.
+                        unsafe { *out.0.add(t * w.rows + r) = res[t - t0] };
+                    }
+                }
+            }
+        } else {
+            let mut wrow = vec![0.0f32; w.cols];
+            for r in r0..r1 {
+                w.dequantize_row(r, &mut wrow)
+                    .expect("matrix types are checked when the model is loaded");
+                for t in 0..n {
+                    let v = dot_f32(&wrow, &input.x[t * w.cols..(t + 1) * w.cols]);
+                    // SAFETY: as above.
+                    unsafe { *out.0.add(t * w.rows + r) = v };
+                }
+            }
+        }
+    });
+}
+
+/// `out = W x` for one matrix.
+pub fn matmul(w: &QMatrix, input: &Input, out: &mut [f32]) {
+    matmul_many(&mut [(w, out)], input)
+}
+
+/// Dot product of two f32 slices, with 8 independent accumulators so it vectorises.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
