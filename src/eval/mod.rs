@@ -1,1 +1,3 @@
-//! (in progress)
+//! Measurement: speed ([`bench`]).
+
+pub mod bench;

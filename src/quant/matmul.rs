@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::activation::{Q8Acts, Q8Row};
 use super::dequant::dequantize_row;
-use super::kernels::{self, MAX_TOKENS};
+use super::kernels;
 use super::GgmlType;
 use crate::error::{Error, Result};
 
@@ -154,23 +154,28 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
         }
     }
     let mats: Vec<&QMatrix> = jobs.iter().map(|(w, _)| *w).collect();
+    let q8_rows: Vec<Q8Row> = if mats.iter().any(|w| w.wants_q8()) {
+        (0..n).map(|t| input.q8.row(t)).collect()
+    } else {
+        Vec::new()
+    };
     tiles.par_iter().for_each(|&(j, r0, r1)| {
         let w = mats[j];
         let out = outs[j];
         if w.wants_q8() {
-            let rows: Vec<Q8Row> = (0..n).map(|t| input.q8.row(t)).collect();
-            let mut res = [0.0f32; MAX_TOKENS];
-            for r in r0..r1 {
-                let wr = w.row(r);
-                for t0 in (0..n).step_by(MAX_TOKENS) {
-                    let t1 = (t0 + MAX_TOKENS).min(n);
-                    kernels::dot_rows(isa, w.ty, wr, &rows[t0..t1], &mut res[..t1 - t0]);
-                    for t in t0..t1 {
-                        // SAFETY: (t, r) is in bounds and only this tile writes row r.
-                        unsafe { *out.0.add(t * w.rows + r) = res[t - t0] };
-                    }
-                }
-            }
+            let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
+            // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in bounds.
+            unsafe {
+                kernels::gemm_tile(
+                    isa,
+                    w.ty,
+                    bytes,
+                    w.row_bytes,
+                    &q8_rows,
+                    out.0.add(r0),
+                    w.rows,
+                )
+            };
         } else {
             let mut wrow = vec![0.0f32; w.cols];
             for r in r0..r1 {

@@ -9,13 +9,15 @@ use std::arch::x86_64::*;
 use crate::quant::activation::Q8Row;
 use crate::quant::GgmlType;
 
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     let h = u16::from_le_bytes([*p, *p.add(1)]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }
 
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -24,7 +26,8 @@ pub(crate) unsafe fn hsum(v: __m256) -> f32 {
 }
 
 /// 16 bytes of nibbles to 32 bytes: low nibbles first, then high nibbles (ggml's order).
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     let q = _mm_loadu_si128(p as *const __m128i);
     let m = _mm_set1_epi8(0x0F);
@@ -33,13 +36,15 @@ pub(crate) unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     _mm256_set_m128i(hi, lo)
 }
 
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn load_x(x: &Q8Row, b: usize) -> __m256i {
     _mm256_loadu_si256(x.qs.as_ptr().add(b * 32) as *const __m256i)
 }
 
 /// Σ u8 × i8 over 32 bytes as 8 i32 lanes, converted to f32.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
     let p16 = _mm256_maddubs_epi16(w, x);
     _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
@@ -49,28 +54,52 @@ unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
 /// target features and its own `dot_u8_i8` (u8 × i8 over 32 bytes → 8 f32 lanes) in scope.
 macro_rules! q8_kernels {
     ($features:literal) => {
+        /// `out[t * ldo + r] = W[r] · xs[t]` for every row `r` of `w` (rows of `row_bytes` bytes) and
+        /// every token `t` of `xs`.
+        ///
         /// # Safety
-        /// The CPU must support the enabled features; `w` and `xs` must agree in length.
+        /// The CPU must support the enabled features; `w`'s rows and `xs` must agree in length;
+        /// `out` must be valid for writes at every `t * ldo + r`.
         #[target_feature(enable = $features)]
-        pub unsafe fn dot_rows(ty: GgmlType, w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
-            macro_rules! by_tokens {
-                ($f:ident) => {
-                    match xs.len() {
-                        1 => $f::<1>(w, xs, out),
-                        2 => $f::<2>(w, xs, out),
-                        3 => $f::<3>(w, xs, out),
-                        _ => $f::<4>(w, xs, out),
+        pub unsafe fn gemm_tile(
+            ty: GgmlType,
+            w: &[u8],
+            row_bytes: usize,
+            xs: &[Q8Row],
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            macro_rules! rows_by_tokens {
+                ($f:ident) => {{
+                    let mut res = [0.0f32; 4];
+                    for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+                        let mut t0 = 0;
+                        while t0 < xs.len() {
+                            let k = (xs.len() - t0).min(4);
+                            let x = xs.get_unchecked(t0..t0 + k);
+                            match k {
+                                1 => $f::<1>(wr, x, &mut res),
+                                2 => $f::<2>(wr, x, &mut res),
+                                3 => $f::<3>(wr, x, &mut res),
+                                _ => $f::<4>(wr, x, &mut res),
+                            }
+                            for (i, &v) in res[..k].iter().enumerate() {
+                                *out.add((t0 + i) * ldo + r) = v;
+                            }
+                            t0 += k;
+                        }
                     }
-                };
+                }};
             }
             match ty {
-                GgmlType::Q4_0 => by_tokens!(q4_0),
-                GgmlType::Q4_1 => by_tokens!(q4_1),
-                GgmlType::Q8_0 => by_tokens!(q8_0),
+                GgmlType::Q4_0 => rows_by_tokens!(q4_0),
+                GgmlType::Q4_1 => rows_by_tokens!(q4_1),
+                GgmlType::Q8_0 => rows_by_tokens!(q8_0),
                 other => unreachable!("no 8-bit-activation kernel for {other}"),
             }
         }
 
+        #[inline]
         #[target_feature(enable = $features)]
         unsafe fn q4_1<const N: usize>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
             let nb = xs[0].d.len();
@@ -95,6 +124,7 @@ macro_rules! q8_kernels {
             }
         }
 
+        #[inline]
         #[target_feature(enable = $features)]
         unsafe fn q4_0<const N: usize>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
             let nb = xs[0].d.len();
@@ -119,6 +149,7 @@ macro_rules! q8_kernels {
             }
         }
 
+        #[inline]
         #[target_feature(enable = $features)]
         unsafe fn q8_0<const N: usize>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
             let nb = xs[0].d.len();

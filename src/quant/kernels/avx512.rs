@@ -9,7 +9,8 @@ use crate::quant::activation::Q8Row;
 use crate::quant::GgmlType;
 
 /// Σ u8 × i8 over 32 bytes as 8 i32 lanes, converted to f32.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x))
 }

@@ -1,5 +1,5 @@
-//! Compute kernels on packed weights: dot products of one weight row with up to
-//! [`MAX_TOKENS`] rows of 8-bit activations.
+//! Compute kernels on packed weights: products of a tile of weight rows with rows of 8-bit
+//! activations (one per token). SIMD paths unpack each weight block once for up to four tokens.
 //!
 //! Each instruction-set file beside [`scalar`] computes the same results as the scalar reference
 //! (up to float summation order); the best path the CPU supports is picked once at run time. The
@@ -15,9 +15,6 @@ pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 pub mod scalar;
-
-/// Tokens processed against one weight row per kernel call (the weight row is unpacked once).
-pub const MAX_TOKENS: usize = 4;
 
 /// The instruction sets pare has kernels for, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,20 +82,35 @@ pub fn has_q8_kernel(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
 }
 
-/// `out[t] = w · xs[t]` for one packed weight row `w` of type `ty` and `xs.len() <= MAX_TOKENS`
-/// activation rows, on the given instruction set. `ty` must satisfy [`has_q8_kernel`].
+/// `out[t * ldo + r] = W[r] · xs[t]` for every row `r` of `w` (consecutive rows of `row_bytes`
+/// bytes of type `ty`, which must satisfy [`has_q8_kernel`]) and every token `t` of `xs`, on the
+/// given instruction set.
+///
+/// # Safety
+/// `out` must be valid for writes at every `t * ldo + r`, and nothing else may access those
+/// elements during the call.
 #[inline]
-pub fn dot_rows(isa: Isa, ty: GgmlType, w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
-    debug_assert!(xs.len() <= MAX_TOKENS && out.len() == xs.len());
-    debug_assert!(xs
-        .iter()
-        .all(|x| w.len() == x.d.len() * ty.type_size() * 32 / ty.block_size()));
+pub unsafe fn gemm_tile(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    xs: &[Q8Row],
+    out: *mut f32,
+    ldo: usize,
+) {
+    assert!(has_q8_kernel(ty) && w.len() % row_bytes == 0);
+    assert!(xs.iter().all(
+        |x| row_bytes == x.d.len() * ty.type_size() * 32 / ty.block_size()
+            && x.qs.len() == 32 * x.d.len()
+            && x.s.len() == x.d.len()
+    ));
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only Avx512/Avx2 when `detect` found the features these paths enable.
-        Isa::Avx512 => unsafe { avx512::dot_rows(ty, w, xs, out) },
+        Isa::Avx512 => avx512::gemm_tile(ty, w, row_bytes, xs, out, ldo),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::dot_rows(ty, w, xs, out) },
-        _ => scalar::dot_rows(ty, w, xs, out),
+        Isa::Avx2 => avx2::gemm_tile(ty, w, row_bytes, xs, out, ldo),
+        _ => scalar::gemm_tile(ty, w, row_bytes, xs, out, ldo),
     }
 }

@@ -8,15 +8,29 @@ pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
-/// `out[t] = w · xs[t]` for one row of Q4_0, Q4_1 or Q8_0 weights.
-pub fn dot_rows(ty: GgmlType, w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
-    for (x, o) in xs.iter().zip(out.iter_mut()) {
-        *o = match ty {
-            GgmlType::Q4_0 => dot_q4_0(w, x),
-            GgmlType::Q4_1 => dot_q4_1(w, x),
-            GgmlType::Q8_0 => dot_q8_0(w, x),
-            other => unreachable!("no 8-bit-activation kernel for {other}"),
-        };
+/// `out[t * ldo + r] = W[r] · xs[t]` for every row `r` of `w` (rows of `row_bytes` bytes of Q4_0,
+/// Q4_1 or Q8_0 weights) and every token `t`.
+///
+/// # Safety
+/// `out` must be valid for writes at every `t * ldo + r`.
+pub unsafe fn gemm_tile(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    xs: &[Q8Row],
+    out: *mut f32,
+    ldo: usize,
+) {
+    let dot = match ty {
+        GgmlType::Q4_0 => dot_q4_0,
+        GgmlType::Q4_1 => dot_q4_1,
+        GgmlType::Q8_0 => dot_q8_0,
+        other => unreachable!("no 8-bit-activation kernel for {other}"),
+    };
+    for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+        for (t, x) in xs.iter().enumerate() {
+            *out.add(t * ldo + r) = dot(wr, x);
+        }
     }
 }
 

@@ -1,0 +1,66 @@
+use pare::eval::bench;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    common: super::Common,
+    /// Prompt tokens processed in one batch (pp).
+    #[arg(short = 'p', long, default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens generated one at a time (tg).
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_gen: usize,
+    /// Timed repetitions of each test (the median is reported).
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(a.reps >= 1, "--reps must be at least 1");
+    anyhow::ensure!(
+        a.n_prompt + a.n_gen > 0,
+        "nothing to measure: -p and -n are both 0"
+    );
+    let model = a.common.load()?;
+    let r = bench::bench(&model, a.n_prompt, a.n_gen, a.reps, |what, tps| {
+        if !a.json {
+            eprintln!("  {what}: {tps:.1} tok/s");
+        }
+    })?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v[format!("pp{}", a.n_prompt)] = r.pp.into();
+        v[format!("tg{}", a.n_gen)] = r.tg.into();
+        println!("{v}");
+    } else {
+        println!("model: {}", a.common.model.display());
+        println!(
+            "threads: {}  isa: {}",
+            r.threads,
+            pare::quant::kernels::isa().name()
+        );
+        if a.n_prompt > 0 {
+            println!(
+                "pp{}: {:.2} tok/s (median of {})",
+                a.n_prompt,
+                r.pp,
+                r.pp_runs.len()
+            );
+        }
+        if a.n_gen > 0 {
+            println!(
+                "tg{}: {:.2} tok/s (median of {})",
+                a.n_gen,
+                r.tg,
+                r.tg_runs.len()
+            );
+        }
+        if let Some(rss) = r.peak_rss_bytes {
+            println!("peak RSS: {:.1} MiB", rss as f64 / (1 << 20) as f64);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! One module per command; each parses its arguments and calls the library.
+
+mod bench;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pare",
+    version,
+    about = "Fit a language model to a memory budget, adapt it, and run it fast"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prompt-processing and generation speed (tokens/s) and peak memory.
+    Bench(bench::Args),
+    /// Tensors, formats, sizes and metadata of a model file.
+    Inspect(inspect::Args),
+}
+
+/// Options every model-running command shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Model file (GGUF).
+    #[arg(short = 'm', long = "model")]
+    pub model: std::path::PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+}
+
+impl Common {
+    /// Sizes the global thread pool, then loads the model.
+    pub fn load(&self) -> anyhow::Result<pare::model::Model> {
+        if let Some(t) = self.threads {
+            anyhow::ensure!(
+                (1..=1024).contains(&t),
+                "--threads must be between 1 and 1024, got {t}"
+            );
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global()?;
+        }
+        Ok(pare::model::Model::load(&self.model)?)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(a) => bench::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
