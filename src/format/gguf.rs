@@ -422,10 +422,11 @@ impl Gguf {
                 .map_err(|e| Error::Gguf(format!("tensor {name:?}: {}", strip_prefix(e))))?;
             let offset = c.u64(&name)?;
             // Zero or overflowing dimensions, or more than 2^40 elements, cannot be a real tensor.
-            let n = dims
-                .iter()
-                .try_fold(1u64, |acc, &d| if d == 0 { None } else { acc.checked_mul(d) });
-            if !n.is_some_and(|n| n < 1 << 40) {
+            let n = dims.iter().try_fold(
+                1u64,
+                |acc, &d| if d == 0 { None } else { acc.checked_mul(d) },
+            );
+            if n.is_none_or(|n| n >= 1 << 40) {
                 return Err(Error::Gguf(format!(
                     "tensor {name:?} has absurd dimensions {dims:?}"
                 )));
