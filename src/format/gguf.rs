@@ -365,7 +365,7 @@ impl Gguf {
                     "GGUF version 1 is not supported (only 2 and 3)".into(),
                 ))
             }
-            v if v.swap_bytes() <= 3 => {
+            v if (1..=3).contains(&v.swap_bytes()) => {
                 return Err(Error::Gguf(
                     "big-endian GGUF files are not supported".into(),
                 ))
@@ -426,7 +426,7 @@ impl Gguf {
                 1u64,
                 |acc, &d| if d == 0 { None } else { acc.checked_mul(d) },
             );
-            if !n.is_some_and(|n| n < 1 << 40) {
+            if n.is_none_or(|n| n >= 1 << 40) {
                 return Err(Error::Gguf(format!(
                     "tensor {name:?} has absurd dimensions {dims:?}"
                 )));
@@ -463,7 +463,7 @@ impl Gguf {
                         "tensor {:?}: data ({} bytes at offset {}) lies outside the file ({} bytes); the file may be truncated",
                         t.name,
                         t.n_bytes(),
-                        data_offset + t.offset,
+                        data_offset.saturating_add(t.offset),
                         file_len
                     )))
                 }

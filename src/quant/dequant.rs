@@ -63,7 +63,7 @@ fn block_fn(ty: GgmlType) -> Result<BlockFn> {
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
     let decode = block_fn(ty)?;
     let (bs, ts) = (ty.block_size(), ty.type_size());
-    if dst.len() % bs != 0 {
+    if !dst.len().is_multiple_of(bs) {
         return Err(Error::Invalid(format!(
             "cannot dequantize {} {ty} weights: not a multiple of the block size {bs}",
             dst.len()

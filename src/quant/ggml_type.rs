@@ -194,7 +194,7 @@ impl GgmlType {
     /// Bytes taken by `n` weights, or an error when `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Result<usize> {
         let bs = self.block_size();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return Err(Error::Gguf(format!(
                 "{} rows must be a multiple of {bs} weights, got {n}",
                 self.name()
