@@ -1,3 +1,10 @@
-//! Measurement: speed ([`bench`]).
+//! Measurement: perplexity and KL divergence the way llama.cpp's `llama-perplexity` measures them,
+//! and speed the way `llama-bench` does.
+//!
+//! [`perplexity`] holds the chunking and scoring (model-agnostic, through [`perplexity::LogitsEval`]);
+//! [`kl`] saves a base model's token distributions and compares another model against them;
+//! [`bench`] measures prompt-processing and generation throughput.
 
 pub mod bench;
+pub mod kl;
+pub mod perplexity;
