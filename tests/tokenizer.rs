@@ -152,3 +152,76 @@ fn special_tokens_and_flags() {
         tok.encode("hi", false, true).unwrap()
     );
 }
+
+fn fixture(name: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("read fixture")).expect("parse")
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// The greedy-generation fixture's prompts tokenize as llama-completion tokenized them, and its
+/// generated ids decode to the text llama-completion printed.
+#[test]
+fn greedy_fixture_prompts_and_texts() {
+    let tok = tokenizer();
+    let f = fixture("llamacpp_greedy.json");
+    let cases = f["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 3);
+    for c in cases {
+        let name = c["name"].as_str().unwrap();
+        let prompt = c["prompt"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(prompt, true, true).unwrap(),
+            ids_of(&c["prompt_ids"]),
+            "{name}: prompt ids"
+        );
+        let generated = ids_of(&c["generated_ids"]);
+        assert_eq!(
+            tok.decode(&generated).unwrap(),
+            c["generated_text"].as_str().unwrap(),
+            "{name}: generated text"
+        );
+    }
+}
+
+/// The whole perplexity text (1.1 MB of WikiText-2) tokenizes to exactly the tokens
+/// llama-perplexity used: same count, same first tokens.
+#[test]
+fn perplexity_text_tokenizes_like_llama_cpp() {
+    let f = fixture("llamacpp_perplexity.json");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(f["data"].as_str().unwrap());
+    let mut text = std::fs::read_to_string(&data)
+        .unwrap_or_else(|e| panic!("{}: {e} (the shared data directory)", data.display()));
+    // llama.cpp's -f drops one trailing newline.
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    let tok = tokenizer();
+    let ids = tok.encode(&text, true, false).unwrap();
+    let first = ids_of(&f["first_tokens"]);
+    assert_eq!(&ids[..first.len()], &first[..], "first tokens");
+    assert_eq!(
+        ids.len() as u64,
+        f["n_tokens"].as_u64().unwrap(),
+        "token count"
+    );
+    // FNV-1a over every id (little-endian u32 bytes), as scripts/gen-peer-fixtures computes it.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ids.iter().flat_map(|id| id.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    assert_eq!(
+        format!("{h:016x}"),
+        f["tokens_fnv1a64"].as_str().unwrap(),
+        "hash of all token ids"
+    );
+}
