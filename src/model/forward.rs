@@ -146,6 +146,7 @@ impl Model {
         let n = tokens.len();
         let (d, hd) = (c.n_embd, c.head_dim);
         let p0 = st.pos;
+        let exact = self.exact_activations;
         let s = &mut st.s;
 
         for (t, &tok) in tokens.iter().enumerate() {
@@ -164,17 +165,12 @@ impl Model {
             // Attention block.
             let xn = &mut s.xn[..n * d];
             ops::rms_norm(&s.x[..n * d], &lw.attn_norm, c.rms_eps, xn);
-            quantize_for(&mut s.q8, xn, n, d, &[&lw.wq, &lw.wk, &lw.wv]);
-            let input = Input {
-                x: xn,
-                q8: &s.q8,
-                n,
-            };
             let (q, k, v) = (
                 &mut s.q[..n * c.q_dim()],
                 &mut s.k[..n * c.kv_dim()],
                 &mut s.v[..n * c.kv_dim()],
             );
+            let input = input_for(exact, &mut s.q8, xn, n, &[&lw.wq, &lw.wk, &lw.wv]);
             matmul_many(
                 &mut [(&lw.wq, &mut *q), (&lw.wk, &mut *k), (&lw.wv, &mut *v)],
                 &input,
@@ -184,19 +180,17 @@ impl Model {
                 ops::rms_norm_inplace(k, kn, c.rms_eps);
             }
             for t in 0..n {
-                let (cos, sin) = (
-                    &s.cos[t * hd / 2..(t + 1) * hd / 2],
-                    &s.sin[t * hd / 2..(t + 1) * hd / 2],
-                );
+                let cos = &s.cos[t * hd / 2..(t + 1) * hd / 2];
+                let sin = &s.sin[t * hd / 2..(t + 1) * hd / 2];
                 ops::rope(
-                    &mut q[t * c.q_dim()..(t + 1) * c.q_dim()],
+                    &mut q[t * c.q_dim()..][..c.q_dim()],
                     hd,
                     c.rope_style,
                     cos,
                     sin,
                 );
                 ops::rope(
-                    &mut k[t * c.kv_dim()..(t + 1) * c.kv_dim()],
+                    &mut k[t * c.kv_dim()..][..c.kv_dim()],
                     hd,
                     c.rope_style,
                     cos,
@@ -204,72 +198,37 @@ impl Model {
                 );
             }
             st.kv.store(l, p0, k, v);
-            attention(c, &st.kv, l, p0, q, &mut s.att[..n * c.q_dim()]);
-
-            let att = &s.att[..n * c.q_dim()];
-            quantize_for(&mut s.q8, att, n, c.q_dim(), &[&lw.wo]);
+            let att = &mut s.att[..n * c.q_dim()];
+            attention(c, &st.kv, l, p0, q, att);
             let o = &mut s.o[..n * d];
-            matmul(
-                &lw.wo,
-                &Input {
-                    x: att,
-                    q8: &s.q8,
-                    n,
-                },
-                o,
-            );
-            for (x, &y) in s.x[..n * d].iter_mut().zip(o.iter()) {
-                *x += y;
-            }
+            matmul(&lw.wo, &input_for(exact, &mut s.q8, att, n, &[&lw.wo]), o);
+            add_assign(&mut s.x[..n * d], o);
 
             // Feed-forward block.
             let xn = &mut s.xn[..n * d];
             ops::rms_norm(&s.x[..n * d], &lw.ffn_norm, c.rms_eps, xn);
-            quantize_for(&mut s.q8, xn, n, d, &[&lw.gate, &lw.up]);
             let (gate, up) = (&mut s.gate[..n * c.n_ff], &mut s.up[..n * c.n_ff]);
-            matmul_many(
-                &mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)],
-                &Input {
-                    x: xn,
-                    q8: &s.q8,
-                    n,
-                },
-            );
+            let input = input_for(exact, &mut s.q8, xn, n, &[&lw.gate, &lw.up]);
+            matmul_many(&mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)], &input);
             ops::swiglu(gate, up);
-            quantize_for(&mut s.q8, gate, n, c.n_ff, &[&lw.down]);
             matmul(
                 &lw.down,
-                &Input {
-                    x: gate,
-                    q8: &s.q8,
-                    n,
-                },
+                &input_for(exact, &mut s.q8, gate, n, &[&lw.down]),
                 o,
             );
-            for (x, &y) in s.x[..n * d].iter_mut().zip(o.iter()) {
-                *x += y;
-            }
+            add_assign(&mut s.x[..n * d], o);
         }
         st.pos += n;
 
         if !rows.is_empty() {
             let m = rows.len();
             let xn = &mut s.xn[..m * d];
-            ops::rms_norm(
-                &s.x[rows.start * d..rows.end * d],
-                &w.output_norm,
-                c.rms_eps,
-                xn,
-            );
-            quantize_for(&mut s.q8, xn, m, d, &[&w.output]);
+            let x = &s.x[rows.start * d..rows.end * d];
+            ops::rms_norm(x, &w.output_norm, c.rms_eps, xn);
             let out = &mut st.logits[out_off..out_off + m * c.n_vocab];
             matmul(
                 &w.output,
-                &Input {
-                    x: xn,
-                    q8: &s.q8,
-                    n: m,
-                },
+                &input_for(exact, &mut s.q8, xn, m, &[&w.output]),
                 out,
             );
         }
@@ -277,10 +236,29 @@ impl Model {
     }
 }
 
-/// Quantizes activations to 8 bits when one of the matrices about to read them uses them.
-fn quantize_for(q8: &mut Q8Acts, x: &[f32], n: usize, cols: usize, ws: &[&QMatrix]) {
-    if ws.iter().any(|w| w.wants_q8()) {
-        q8.quantize(x, n, cols);
+/// The input of the next products: activations quantized to 8 bits when one of the matrices
+/// `ws` computes on them (unless the model runs with exact activations).
+fn input_for<'a>(
+    exact: bool,
+    q8: &'a mut Q8Acts,
+    x: &'a [f32],
+    n: usize,
+    ws: &[&QMatrix],
+) -> Input<'a> {
+    let quantize = !exact && ws.iter().any(|w| w.wants_q8());
+    if quantize {
+        q8.quantize(x, n, x.len() / n);
+    }
+    Input {
+        x,
+        q8: quantize.then_some(&*q8),
+        n,
+    }
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }
 

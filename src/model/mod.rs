@@ -23,6 +23,9 @@ pub struct Model {
     pub config: Config,
     pub weights: Weights,
     pub gguf: Arc<Gguf>,
+    /// Compute every product in f32 on dequantized weights instead of on 8-bit activations: the
+    /// slow reference path (the default, like llama.cpp, quantizes activations).
+    pub exact_activations: bool,
 }
 
 impl Model {
@@ -39,6 +42,7 @@ impl Model {
             config,
             weights,
             gguf,
+            exact_activations: false,
         })
     }
 }

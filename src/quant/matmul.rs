@@ -117,11 +117,12 @@ impl QMatrix {
     }
 }
 
-/// The activations a product reads: `n` rows of `cols` floats and, for weights with an 8-bit
-/// kernel, the same rows quantized.
+/// The activations a product reads: `n` rows of `cols` floats and, when given, the same rows
+/// quantized to 8 bits for weights that have an 8-bit kernel. Without `q8`, every product is
+/// computed in f32 on dequantized weights (exact but slower: the reference path).
 pub struct Input<'a> {
     pub x: &'a [f32],
-    pub q8: &'a Q8Acts,
+    pub q8: Option<&'a Q8Acts>,
     pub n: usize,
 }
 
@@ -154,15 +155,14 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
         }
     }
     let mats: Vec<&QMatrix> = jobs.iter().map(|(w, _)| *w).collect();
-    let q8_rows: Vec<Q8Row> = if mats.iter().any(|w| w.wants_q8()) {
-        (0..n).map(|t| input.q8.row(t)).collect()
-    } else {
-        Vec::new()
+    let q8_rows: Vec<Q8Row> = match input.q8 {
+        Some(q8) if mats.iter().any(|w| w.wants_q8()) => (0..n).map(|t| q8.row(t)).collect(),
+        _ => Vec::new(),
     };
     tiles.par_iter().for_each(|&(j, r0, r1)| {
         let w = mats[j];
         let out = outs[j];
-        if w.wants_q8() {
+        if w.wants_q8() && input.q8.is_some() {
             let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
             // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in bounds.
             unsafe {

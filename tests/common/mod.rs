@@ -1,0 +1,49 @@
+//! Shared by the integration tests: where the real model and the reference Python live.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real model, fetched by `scripts/fetch-model` (the test command runs it).
+pub fn real_model() -> PathBuf {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// The Python with numpy and gguf that the reference scripts need: `$PARE_PYTHON` (set by
+/// scripts/test), else the repo's .venv.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PARE_PYTHON") {
+        return p.into();
+    }
+    let venv = root().join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python environment for the reference scripts: run scripts/test (it creates .venv)"
+    );
+    venv
+}
+
+/// Runs a script from scripts/ with the reference Python; panics with its stderr on failure.
+pub fn run_script(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(root().join("scripts").join(script))
+        .args(args)
+        .output()
+        .expect("starting the reference Python");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
