@@ -2,6 +2,8 @@
 
 mod bench;
 mod inspect;
+mod perplexity;
+mod run;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,10 @@ enum Command {
     Bench(bench::Args),
     /// Tensors, formats, sizes and metadata of a model file.
     Inspect(inspect::Args),
+    /// Perplexity of a text the way llama-perplexity measures it; KL divergence to a saved base.
+    Perplexity(perplexity::Args),
+    /// Generate text from a prompt, streamed to stdout.
+    Run(run::Args),
 }
 
 /// Options every model-running command shares.
@@ -58,6 +64,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
+        Command::Run(a) => run::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,4 +7,5 @@
 
 pub mod bench;
 pub mod kl;
+pub mod model_eval;
 pub mod perplexity;

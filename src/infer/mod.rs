@@ -4,5 +4,6 @@
 //! penalty, top-k, top-p, min-p, temperature, seeded draw); [`stop`] watches the streamed text for
 //! stop strings.
 
+pub mod generate;
 pub mod sampling;
 pub mod stop;

@@ -82,5 +82,8 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
         *qi = v.clamp(-127, 127) as i8;
         sum += *qi as i32;
     }
-    (d, d * sum as f32)
+    // Scales are kept at f16 precision, as ggml stores them in its Q8_0/Q8_1 blocks, so that
+    // pare's products round like llama.cpp's (greedy decoding then follows the same near-ties).
+    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+    (f16(d), f16(d * sum as f32))
 }

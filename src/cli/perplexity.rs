@@ -1,0 +1,106 @@
+use indicatif::{ProgressBar, ProgressStyle};
+use pare::eval::kl;
+use pare::eval::model_eval::ModelEval;
+use pare::eval::perplexity::{perplexity, read_text, PerplexityOptions};
+use pare::format::tokenizer::Tokenizer;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    common: super::Common,
+    /// Text file to evaluate.
+    #[arg(short = 'f', long)]
+    file: std::path::PathBuf,
+    /// Tokens per chunk.
+    #[arg(short = 'c', long = "ctx", default_value_t = 512)]
+    ctx: usize,
+    /// Evaluate at most this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Save the model's token distributions here (the base for --kl-base).
+    #[arg(long, conflicts_with = "kl_base")]
+    kl_base_out: Option<std::path::PathBuf>,
+    /// Compare against distributions saved with --kl-base-out: KL divergence and same-top rate.
+    #[arg(long)]
+    kl_base: Option<std::path::PathBuf>,
+    /// Print one JSON object as the last line on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn progress(n: usize) -> ProgressBar {
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} chunks {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    pb
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let text = read_text(&a.file)?;
+    let model = a.common.load()?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    // As llama-perplexity: BOS first (and at each chunk's start) only when the model adds BOS.
+    let tokens = tok.encode(&text, true, false)?;
+    let bos = if tok.add_bos() { tok.bos() } else { None };
+    let opts = PerplexityOptions {
+        n_chunks: a.chunks,
+        ..PerplexityOptions::new(a.ctx, bos)
+    };
+    let n_chunks = opts.chunks_for(tokens.len())?;
+    eprintln!(
+        "{}: {} tokens, {n_chunks} chunks of {}, {} threads",
+        a.file.display(),
+        tokens.len(),
+        a.ctx,
+        rayon::current_num_threads()
+    );
+    let mut eval = ModelEval::new(&model, a.ctx)?;
+    let pb = progress(n_chunks);
+    let summary = if let Some(base) = &a.kl_base {
+        let s = kl::compare(&mut eval, &tokens, &opts, base, |p| {
+            pb.set_position(p.done as u64);
+            pb.set_message(format!("ppl {:.4} kld {:.5}", p.ppl_new, p.kld_mean));
+        })?;
+        pb.finish_and_clear();
+        println!(
+            "PPL = {:.4} +/- {:.5} (base {:.4})",
+            s.ppl_new, s.ppl_new_stderr, s.ppl_base
+        );
+        println!(
+            "mean KLD = {:.6} +/- {:.6}, 99th percentile {:.6}, max {:.6}",
+            s.kld_mean, s.kld_stderr, s.kld_p99, s.kld_max
+        );
+        println!(
+            "same top token: {:.3}% +/- {:.3}%",
+            100.0 * s.same_top,
+            100.0 * s.same_top_stderr
+        );
+        serde_json::json!({
+            "ppl": s.ppl_new, "ppl_stderr": s.ppl_new_stderr, "chunks": s.chunks,
+            "tokens": s.positions, "kld_mean": s.kld_mean, "kld_p99": s.kld_p99,
+            "same_top": s.same_top, "ppl_base": s.ppl_base,
+        })
+    } else {
+        let on_chunk = |p: pare::eval::perplexity::ChunkProgress| {
+            pb.set_position(p.done as u64);
+            pb.set_message(format!("ppl {:.4}", p.ppl));
+            pb.suspend(|| eprint!("[{}]{:.4},", p.done, p.ppl));
+        };
+        let r = match &a.kl_base_out {
+            Some(out) => kl::save_base(&mut eval, &tokens, &opts, out, on_chunk)?,
+            None => perplexity(&mut eval, &tokens, &opts, on_chunk)?,
+        };
+        pb.finish_and_clear();
+        eprintln!();
+        println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
+        serde_json::json!({
+            "ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "chunks": r.chunks, "tokens": r.tokens_scored,
+        })
+    };
+    if a.json {
+        println!("{summary}");
+    }
+    Ok(())
+}
