@@ -150,7 +150,7 @@ fn same_top_rate_counts_agreements() {
     let new_row = |p: usize, _: &[u32], out: &mut [f32]| {
         out.fill(0.0);
         out[p % 10] = 2.0;
-        if p % 3 != 0 {
+        if !p.is_multiple_of(3) {
             out[(p + 1) % 10] = 2.5;
         }
     };

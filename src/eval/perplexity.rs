@@ -300,6 +300,18 @@ pub(crate) fn result_from(
     }
 }
 
+/// Reads an evaluation text as `llama-perplexity -f` does: the whole file, minus one trailing
+/// newline.
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut text = String::from_utf8(bytes)
+        .map_err(|e| Error::Invalid(format!("{}: not UTF-8 text ({e})", path.display())))?;
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,16 +362,4 @@ mod tests {
         assert_eq!(o.scored_per_chunk(), 255);
         assert_eq!(o.first_scored(), 256);
     }
-}
-
-/// Reads an evaluation text as `llama-perplexity -f` does: the whole file, minus one trailing
-/// newline.
-pub fn read_text(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut text = String::from_utf8(bytes)
-        .map_err(|e| Error::Invalid(format!("{}: not UTF-8 text ({e})", path.display())))?;
-    if text.ends_with('\n') {
-        text.pop();
-    }
-    Ok(text)
 }

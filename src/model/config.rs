@@ -104,7 +104,7 @@ impl Config {
             .get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5) as f32;
         let rope_theta = g.get_f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0) as f32;
-        if !(rms_eps > 0.0 && rms_eps < 1.0) || !(rope_theta > 0.0 && rope_theta.is_finite()) {
+        if !(rms_eps > 0.0 && rms_eps < 1.0 && rope_theta > 0.0 && rope_theta.is_finite()) {
             return Err(Error::Model(format!(
                 "rms epsilon {rms_eps} or rope base {rope_theta} out of range"
             )));

@@ -27,7 +27,7 @@ impl Q8Acts {
     /// Quantizes `rows` rows of `cols` values each (`cols` a multiple of 32), reusing buffers.
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
         assert!(
-            cols % QK8 == 0,
+            cols.is_multiple_of(QK8),
             "activation rows must be a multiple of {QK8}"
         );
         assert_eq!(x.len(), rows * cols);

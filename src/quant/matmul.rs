@@ -113,7 +113,7 @@ impl QMatrix {
 
     /// Whether this matrix is computed on 8-bit activations (then [`Input::q8`] must be filled).
     pub fn wants_q8(&self) -> bool {
-        kernels::has_q8_kernel(self.ty) && self.cols % 32 == 0
+        kernels::has_q8_kernel(self.ty) && self.cols.is_multiple_of(32)
     }
 }
 

@@ -99,7 +99,7 @@ pub unsafe fn gemm_tile(
     out: *mut f32,
     ldo: usize,
 ) {
-    assert!(has_q8_kernel(ty) && w.len() % row_bytes == 0);
+    assert!(has_q8_kernel(ty) && w.len().is_multiple_of(row_bytes));
     assert!(xs.iter().all(
         |x| row_bytes == x.d.len() * ty.type_size() * 32 / ty.block_size()
             && x.qs.len() == 32 * x.d.len()
