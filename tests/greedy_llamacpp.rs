@@ -6,7 +6,7 @@
 //! the argmax may differ; exact float64 maths differs from llama.cpp at such near-ties too. The
 //! test therefore feeds llama.cpp's own continuation through pare (teacher forcing) and requires
 //! pare's top token to equal llama.cpp's at every position, except where llama.cpp's token is
-//! within `NEAR_TIE` logits of pare's top; such positions are printed and at most two per prompt
+//! within `NEAR_TIE` logits of pare's top; such positions are printed and at most three per prompt
 //! are allowed. Free-running greedy decoding must then reproduce llama.cpp's 32 tokens exactly on
 //! every prompt without a near-tie.
 
@@ -67,7 +67,7 @@ fn greedy_decoding_follows_llama_cpp() {
                 ties += 1;
             }
         }
-        assert!(ties <= 2, "{name}: {ties} near-ties in 32 tokens");
+        assert!(ties <= 3, "{name}: {ties} near-ties in 32 tokens");
 
         // Free running.
         let opts = GenerateOptions {

@@ -69,7 +69,17 @@ fn check(ty: GgmlType, w: &[u8], x: &[f32], n: usize, cols: usize) {
             // The scalar reference equals the f64 dot of the dequantized operands.
             let a = acts.row(t);
             let xf: Vec<f32> = (0..cols).map(|j| a.d[j / 32] * a.qs[j] as f32).collect();
-            let exact: f64 = wf.iter().zip(&xf).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let mut exact: f64 = wf.iter().zip(&xf).map(|(a, b)| *a as f64 * *b as f64).sum();
+            if ty == GgmlType::Q4_1 {
+                // Q4_1's offset term uses the block sum as stored (f16, as ggml's Q8_1 keeps it),
+                // not the sum of the dequantized activations.
+                let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+                for (b, blk) in wr.chunks_exact(20).enumerate() {
+                    let m = half::f16::from_le_bytes([blk[2], blk[3]]).to_f32() as f64;
+                    let xsum: f64 = xf[b * 32..b * 32 + 32].iter().map(|&v| v as f64).sum();
+                    exact += m * (a.s[b] as f64 - xsum);
+                }
+            }
             let mag: f64 = wf
                 .iter()
                 .zip(&xf)

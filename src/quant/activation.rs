@@ -78,12 +78,22 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     let id = 1.0 / d;
     let mut sum = 0i32;
     for (qi, &xi) in q.iter_mut().zip(x) {
-        let v = (xi * id).round() as i32;
-        *qi = v.clamp(-127, 127) as i8;
+        // Round half to even, as ggml's SIMD quantizer does; the magic constant keeps this a
+        // plain add/sub (no libm call) for |v| <= 127.
+        let v = ((xi * id).clamp(-127.0, 127.0) + 12582912.0) - 12582912.0;
+        *qi = v as i8;
         sum += *qi as i32;
     }
-    // Scales are kept at f16 precision, as ggml stores them in its Q8_0/Q8_1 blocks, so that
-    // pare's products round like llama.cpp's (greedy decoding then follows the same near-ties).
-    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+    // Scale and block sum are kept at f16 precision, as ggml stores them in its Q8_0/Q8_1 blocks,
+    // so that pare's products round like llama.cpp's (near-ties in greedy decoding then fall the
+    // same way more often). Values past f16's range stay f32.
+    let f16 = |v: f32| {
+        let h = half::f16::from_f32(v).to_f32();
+        if h.is_finite() {
+            h
+        } else {
+            v
+        }
+    };
     (f16(d), f16(d * sum as f32))
 }

@@ -129,23 +129,23 @@ macro_rules! q8_kernels {
         unsafe fn q4_0<const N: usize>(w: &[u8], xs: &[Q8Row], out: &mut [f32]) {
             let nb = xs[0].d.len();
             let mut acc = [_mm256_setzero_ps(); N];
-            let mut offs = [0.0f32; N];
             let wp = w.as_ptr();
             for b in 0..nb {
                 let blk = wp.add(b * 18);
                 let d = f16_at(blk);
-                let wv = unpack_nibbles(blk.add(2));
+                // The stored nibble is q + 8; the integer product uses q itself, as in the
+                // scalar reference, with the sign moved onto x as for Q8_0.
+                let wv = _mm256_sub_epi8(unpack_nibbles(blk.add(2)), _mm256_set1_epi8(8));
+                let aw = _mm256_sign_epi8(wv, wv);
                 for t in 0..N {
                     let x = xs.get_unchecked(t);
-                    let p = dot_u8_i8(wv, load_x(x, b));
+                    let p = dot_u8_i8(aw, _mm256_sign_epi8(load_x(x, b), wv));
                     let scale = _mm256_set1_ps(d * *x.d.get_unchecked(b));
                     acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
-                    // The stored nibble is q + 8: subtract 8 d_w Σ(d_x x_q) = 8 d_w s.
-                    offs[t] += 8.0 * d * *x.s.get_unchecked(b);
                 }
             }
             for t in 0..N {
-                out[t] = hsum(acc[t]) - offs[t];
+                out[t] = hsum(acc[t]);
             }
         }
 
