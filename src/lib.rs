@@ -9,6 +9,7 @@ pub mod eval;
 pub mod format;
 pub mod infer;
 pub mod model;
+pub mod parallel;
 pub mod quant;
 
 pub use error::{Error, Result};

@@ -54,7 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.file.display(),
         tokens.len(),
         a.ctx,
-        rayon::current_num_threads()
+        pare::parallel::threads()
     );
     let mut eval = ModelEval::new(&model, a.ctx)?;
     let pb = progress(n_chunks);

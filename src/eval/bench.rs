@@ -35,7 +35,7 @@ fn tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Runs pp`pp_tokens` and tg`tg_tokens`, `reps` times each (after a warm-up), in the current
-/// rayon pool. `on_run` is called after each timed run (for progress).
+/// worker pool. `on_run` is called after each timed run (for progress).
 pub fn bench(
     model: &Model,
     pp_tokens: usize,
@@ -80,7 +80,7 @@ pub fn bench(
         tg: median(&tg_runs),
         pp_runs,
         tg_runs,
-        threads: rayon::current_num_threads(),
+        threads: crate::parallel::threads(),
         peak_rss_bytes: peak_rss_bytes(),
     })
 }

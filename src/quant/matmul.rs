@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use super::activation::{Q8Acts, Q8Row};
 use super::dequant::dequantize_row;
 use super::kernels;
@@ -138,7 +136,7 @@ unsafe impl Sync for OutPtr {}
 pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
     let n = input.n;
     let isa = kernels::isa();
-    let threads = rayon::current_num_threads();
+    let threads = crate::parallel::threads();
     let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
     // Enough tiles for load balance, few enough that per-tile overhead stays small.
     let tile = (total_rows / (threads * 8))
@@ -159,7 +157,8 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
         Some(q8) if mats.iter().any(|w| w.wants_q8()) => (0..n).map(|t| q8.row(t)).collect(),
         _ => Vec::new(),
     };
-    tiles.par_iter().for_each(|&(j, r0, r1)| {
+    crate::parallel::for_each(tiles.len(), &|i| {
+        let (j, r0, r1) = tiles[i];
         let w = mats[j];
         let out = outs[j];
         if w.wants_q8() && input.q8.is_some() {

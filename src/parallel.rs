@@ -1,0 +1,208 @@
+//! The worker pool that runs the forward pass's parallel loops.
+//!
+//! A decode step is ~150 small parallel loops of a few tens of microseconds each; waking sleeping
+//! threads for each (as a general-purpose pool does) costs as much as the work. So, as ggml does,
+//! the workers spin on an epoch counter between loops and only sleep after about a millisecond
+//! without work. The calling thread takes part in every loop. `set_threads` sizes the pool once
+//! (the CLI's `-t`); by default it has one thread per core.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicUsize, Ordering::*};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The loop body, with its lifetime erased: only dereferenced while `run` keeps it alive.
+type Job = *const (dyn Fn(usize) + Sync);
+
+struct Shared {
+    /// Bumped once per loop; workers watch it.
+    epoch: AtomicUsize,
+    /// Next index to hand out in the current loop.
+    next: AtomicUsize,
+    /// Indices in the current loop.
+    len: AtomicUsize,
+    /// Workers still inside the current loop.
+    active: AtomicUsize,
+    job: UnsafeCell<Option<Job>>,
+    sleeping: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+    /// One loop at a time (callers from several threads queue here).
+    caller: Mutex<()>,
+    workers: usize,
+}
+
+// SAFETY: `job` is written only by the thread holding `caller`, before the epoch is bumped
+// (Release), and read by workers after they observe the bump (Acquire).
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+static POOL: OnceLock<&'static Shared> = OnceLock::new();
+static REQUESTED: AtomicUsize = AtomicUsize::new(0);
+
+const SPIN: Duration = Duration::from_millis(2);
+
+/// Sets the number of threads (the caller included); it takes effect if called before the pool's
+/// first use, and returns whether the pool has (or will have) that size.
+pub fn set_threads(n: usize) -> bool {
+    REQUESTED.store(n.max(1), SeqCst);
+    POOL.get().is_none_or(|p| p.workers + 1 == n.max(1))
+}
+
+/// Threads that run each loop, the caller included.
+pub fn threads() -> usize {
+    pool().workers + 1
+}
+
+fn pool() -> &'static Shared {
+    POOL.get_or_init(|| {
+        let n = match REQUESTED.load(SeqCst) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            epoch: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            job: UnsafeCell::new(None),
+            sleeping: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            caller: Mutex::new(()),
+            workers: n - 1,
+        }));
+        for i in 0..n - 1 {
+            std::thread::Builder::new()
+                .name(format!("pare-worker-{i}"))
+                .spawn(move || worker(shared))
+                .expect("spawning a worker thread");
+        }
+        shared
+    })
+}
+
+fn worker(s: &'static Shared) {
+    let mut seen = 0;
+    loop {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let e = s.epoch.load(Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            spins += 1;
+            if !spins.is_multiple_of(1024) || start.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Idle for a while: sleep until the next loop is published.
+            let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.sleeping.fetch_add(1, SeqCst);
+            while s.epoch.load(SeqCst) == seen {
+                g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            s.sleeping.fetch_sub(1, SeqCst);
+        }
+        // SAFETY: published before the epoch bump we observed; alive until `active` reaches 0.
+        let job = unsafe { &*(*s.job.get()).expect("a job is published with each epoch") };
+        claim(s, job);
+        s.active.fetch_sub(1, Release);
+    }
+}
+
+fn claim(s: &Shared, job: &(dyn Fn(usize) + Sync)) {
+    let len = s.len.load(Acquire);
+    loop {
+        let i = s.next.fetch_add(1, AcqRel);
+        if i >= len {
+            return;
+        }
+        job(i);
+    }
+}
+
+/// Runs `f(i)` for every `i` in `0..len`, spread over the pool; returns when all are done.
+/// A panic in `f` aborts the process (the loop bodies are plain arithmetic that cannot panic on
+/// checked inputs).
+pub fn for_each(len: usize, f: &(dyn Fn(usize) + Sync)) {
+    let s = pool();
+    if len == 0 {
+        return;
+    }
+    if s.workers == 0 || len == 1 {
+        (0..len).for_each(f);
+        return;
+    }
+    let _one_at_a_time = s.caller.lock().unwrap_or_else(|e| e.into_inner());
+    let abort_on_panic = AbortOnPanic;
+    // SAFETY: `f` outlives this call, and workers touch it only until `active` drops to 0 below.
+    let erased: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
+    unsafe { *s.job.get() = Some(erased) };
+    s.len.store(len, Release);
+    s.next.store(0, Release);
+    s.active.store(s.workers, Release);
+    s.epoch.fetch_add(1, SeqCst);
+    if s.sleeping.load(SeqCst) > 0 {
+        let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.wake.notify_all();
+    }
+    claim(s, f);
+    while s.active.load(Acquire) != 0 {
+        std::hint::spin_loop();
+    }
+    std::mem::forget(abort_on_panic);
+}
+
+/// Workers may still hold the loop body while the caller unwinds; abort instead of letting them
+/// use a dead closure.
+struct AbortOnPanic;
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        eprintln!("pare: panic inside a parallel loop");
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_runs_exactly_once() {
+        for len in [0usize, 1, 2, 3, 17, 1000] {
+            let hits: Vec<AtomicUsize> = (0..len).map(|_| AtomicUsize::new(0)).collect();
+            for _ in 0..50 {
+                for_each(len, &|i| {
+                    hits[i].fetch_add(1, Relaxed);
+                });
+            }
+            assert!(hits.iter().all(|h| h.load(Relaxed) == 50), "len {len}");
+        }
+    }
+
+    #[test]
+    fn loops_from_several_threads_and_after_sleeping() {
+        let total = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..3 {
+                sc.spawn(|| {
+                    for _ in 0..100 {
+                        for_each(64, &|i| {
+                            total.fetch_add(i, Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Relaxed), 3 * 100 * (63 * 64 / 2));
+        std::thread::sleep(SPIN * 3);
+        let n = AtomicUsize::new(0);
+        for_each(10, &|_| {
+            n.fetch_add(1, Relaxed);
+        });
+        assert_eq!(n.load(Relaxed), 10);
+    }
+}
