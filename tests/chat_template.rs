@@ -1,21 +1,14 @@
 //! SmolLM2's chat template, read from the real model file, rendered with minijinja.
 
-use std::path::PathBuf;
+mod common;
+
 
 use pare::format::chat_template::{ChatTemplate, Message};
 use pare::format::tokenizer::Tokenizer;
 use pare::format::Gguf;
 
 fn model() -> Gguf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-model first",
-        p.display()
-    );
-    Gguf::open(p).expect("open model")
+    Gguf::open(common::real_model()).expect("open model")
 }
 
 fn template() -> ChatTemplate {

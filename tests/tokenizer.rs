@@ -1,6 +1,8 @@
 //! The tokenizer against llama.cpp's llama-tokenize on the real model
 //! (fixture: tests/fixtures/tokenizer_cases.json, from scripts/gen-tokenizer-fixture).
 
+mod common;
+
 use std::path::PathBuf;
 
 use pare::format::tokenizer::{TokenKind, Tokenizer};
@@ -8,15 +10,7 @@ use pare::format::Gguf;
 use serde::Deserialize;
 
 fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-model first",
-        p.display()
-    );
-    p
+    common::real_model()
 }
 
 fn tokenizer() -> Tokenizer {

@@ -45,8 +45,8 @@
 //! saved base says what it was computed on and mismatches are refused with a message.
 
 use super::perplexity::{
-    chunk_nlls, for_each_chunk, result_from, ChunkProgress, LogitsEval, NllStats,
-    PerplexityOptions, PerplexityResult, ScoredChunk,
+    for_each_chunk, perplexity_with, ChunkProgress, LogitsEval, NllStats, PerplexityOptions,
+    PerplexityResult, ScoredChunk,
 };
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -653,29 +653,15 @@ pub fn save_base(
     tokens: &[u32],
     opts: &PerplexityOptions,
     path: &Path,
-    mut on_chunk: impl FnMut(ChunkProgress),
+    on_chunk: impl FnMut(ChunkProgress),
 ) -> Result<PerplexityResult> {
     let n_chunks = opts.chunks_for(tokens.len())?;
     let mut writer = KlBaseWriter::create(path, eval.n_vocab(), opts, n_chunks, tokens)?;
-    let mut stats = NllStats::default();
-    let mut chunk_ppl = Vec::new();
-    let mut nlls = Vec::new();
-    let chunks = for_each_chunk(eval, tokens, opts, |chunk| {
-        writer.write_chunk(&chunk)?;
-        chunk_nlls(&chunk, &mut nlls);
-        nlls.iter().for_each(|&v| stats.add(v));
-        let ppl = stats.ppl();
-        chunk_ppl.push(ppl);
-        on_chunk(ChunkProgress {
-            done: chunk.index + 1,
-            n_chunks: chunk.n_chunks,
-            ppl,
-            tokens_scored: stats.count,
-        });
-        Ok(())
+    let result = perplexity_with(eval, tokens, opts, on_chunk, |chunk| {
+        writer.write_chunk(chunk)
     })?;
     writer.finish()?;
-    Ok(result_from(&stats, chunks, chunk_ppl))
+    Ok(result)
 }
 
 /// Evaluates `tokens` with a new model and compares it with the base saved at `path`. `opts` must

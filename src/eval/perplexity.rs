@@ -259,12 +259,25 @@ pub fn perplexity(
     eval: &mut dyn LogitsEval,
     tokens: &[u32],
     opts: &PerplexityOptions,
+    on_chunk: impl FnMut(ChunkProgress),
+) -> Result<PerplexityResult> {
+    perplexity_with(eval, tokens, opts, on_chunk, |_| Ok(()))
+}
+
+/// [`perplexity`], also handing every scored chunk to `each` before it is counted (the KL base
+/// writer saves its distributions this way).
+pub fn perplexity_with(
+    eval: &mut dyn LogitsEval,
+    tokens: &[u32],
+    opts: &PerplexityOptions,
     mut on_chunk: impl FnMut(ChunkProgress),
+    mut each: impl FnMut(&ScoredChunk<'_>) -> Result<()>,
 ) -> Result<PerplexityResult> {
     let mut stats = NllStats::default();
     let mut chunk_ppl = Vec::new();
     let mut nlls = Vec::new();
     let chunks = for_each_chunk(eval, tokens, opts, |chunk| {
+        each(&chunk)?;
         chunk_nlls(&chunk, &mut nlls);
         for &v in &nlls {
             stats.add(v);
