@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use pare::format::chat_template::{ChatTemplate, Message};
 use pare::format::tokenizer::Tokenizer;
 use pare::format::Gguf;

@@ -12,7 +12,7 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
         &std::fs::read(common::root().join("tests/fixtures/llamacpp_perplexity.json")).unwrap(),
     )
     .unwrap();
-    let data = common::root().join(fixture["data"].as_str().unwrap());
+    let data = common::data_file(fixture["data"].as_str().unwrap());
     let out = Command::new(env!("CARGO_BIN_EXE_pare"))
         .args(["perplexity", "-m"])
         .arg(common::real_model())

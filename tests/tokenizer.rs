@@ -192,9 +192,9 @@ fn greedy_fixture_prompts_and_texts() {
 #[test]
 fn perplexity_text_tokenizes_like_llama_cpp() {
     let f = fixture("llamacpp_perplexity.json");
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(f["data"].as_str().unwrap());
+    let data = common::data_file(f["data"].as_str().unwrap());
     let mut text = std::fs::read_to_string(&data)
-        .unwrap_or_else(|e| panic!("{}: {e} (the shared data directory)", data.display()));
+        .unwrap_or_else(|e| panic!("{}: {e} (the repo copy in data/)", data.display()));
     // llama.cpp's -f drops one trailing newline.
     if text.ends_with('\n') {
         text.pop();

@@ -47,3 +47,10 @@ pub fn run_script(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The repo's copy of an evaluation text the peer fixtures were made from (the fixture names the
+/// peer's path; the file name is the same).
+pub fn data_file(fixture_path: &str) -> PathBuf {
+    let name = Path::new(fixture_path).file_name().expect("a file name");
+    root().join("data").join(name)
+}
