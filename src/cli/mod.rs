@@ -41,6 +41,10 @@ pub struct Common {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
+    /// Compute every product in f32 on dequantized weights (slow reference path) instead of on
+    /// 8-bit activations.
+    #[arg(long)]
+    pub exact_activations: bool,
 }
 
 impl Common {
@@ -55,7 +59,9 @@ impl Common {
                 .num_threads(t)
                 .build_global()?;
         }
-        Ok(pare::model::Model::load(&self.model)?)
+        let mut model = pare::model::Model::load(&self.model)?;
+        model.exact_activations = self.exact_activations;
+        Ok(model)
     }
 }
 
