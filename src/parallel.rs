@@ -166,6 +166,27 @@ impl Drop for AbortOnPanic {
     }
 }
 
+/// A pointer to a buffer that the tasks of one parallel loop write at disjoint elements (each task
+/// its own rows or heads), which `&mut` slices cannot express across tasks.
+#[derive(Clone, Copy)]
+pub struct DisjointMut(*mut f32);
+
+// SAFETY: users write only elements no other task of the same loop touches (checked by each
+// call site's indexing), and the buffer outlives the loop.
+unsafe impl Send for DisjointMut {}
+unsafe impl Sync for DisjointMut {}
+
+impl DisjointMut {
+    pub fn new(buf: &mut [f32]) -> Self {
+        DisjointMut(buf.as_mut_ptr())
+    }
+
+    /// The start of the buffer.
+    pub fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

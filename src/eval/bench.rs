@@ -23,14 +23,9 @@ pub struct BenchResult {
 
 /// Deterministic pseudo-random token ids (llama-bench also feeds random tokens).
 fn tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_add(0x9E3779B97F4A7C15);
+    let mut rng = crate::infer::sampling::Rng::new(seed);
     (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % n_vocab as u64) as u32
-        })
+        .map(|_| (rng.next_u64() % n_vocab as u64) as u32)
         .collect()
 }
 
@@ -85,18 +80,14 @@ pub fn bench(
     })
 }
 
+/// The median (0 for no runs, so a skipped test reads as 0 tok/s in JSON rather than null).
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
+    super::kl::percentile(&s, 0.5)
 }
 
 /// The process's peak resident set size (Linux: VmHWM in /proc/self/status).

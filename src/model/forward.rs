@@ -260,18 +260,6 @@ fn add_assign(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// The attention output, shared by tasks that write disjoint heads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: see `attention`: every task writes a disjoint range.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -285,10 +273,10 @@ fn attention(c: &Config, kv: &KvCache, layer: usize, p0: usize, q: &[f32], out: 
     let keys = kv.keys(layer, p0 + n);
     let values = kv.values(layer, p0 + n);
     let scale = 1.0 / (hd as f32).sqrt();
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = crate::parallel::DisjointMut::new(out);
     crate::parallel::for_each(n * nh, &|i| {
         // SAFETY: task i writes only its own head_dim-sized slice of `out`.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * hd), hd) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(i * hd), hd) };
         let (t, h) = (i / nh, i % nh);
         let kvh = h / group;
         let qh = &q[t * c.q_dim() + h * hd..][..hd];

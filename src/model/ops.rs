@@ -3,12 +3,17 @@
 
 use super::config::RopeStyle;
 
+/// `1 / sqrt(mean(x²) + eps)`, the sum taken in f64 as ggml does.
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    (1.0 / (ss / x.len() as f64 + eps as f64).sqrt()) as f32
+}
+
 /// `out = x / sqrt(mean(x²) + eps) * w`, row by row (rows of `w.len()` values).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let scale = (1.0 / (ss / n as f64 + eps as f64).sqrt()) as f32;
+        let scale = rms_scale(xr, eps);
         for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * wi;
         }
@@ -19,8 +24,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let n = w.len();
     for xr in x.chunks_exact_mut(n) {
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let scale = (1.0 / (ss / n as f64 + eps as f64).sqrt()) as f32;
+        let scale = rms_scale(xr, eps);
         for (v, &wi) in xr.iter_mut().zip(w) {
             *v = *v * scale * wi;
         }

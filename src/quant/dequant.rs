@@ -55,6 +55,11 @@ fn block_fn(ty: GgmlType) -> Result<BlockFn> {
     })
 }
 
+/// Whether pare can dequantize `ty`: `Ok`, or the error [`dequantize_row`] would give.
+pub fn check_supported(ty: GgmlType) -> Result<()> {
+    block_fn(ty).map(|_| ())
+}
+
 /// Dequantizes `dst.len()` weights of type `ty` from `src`.
 ///
 /// `dst.len()` must be a whole number of blocks and `src` exactly `ty.row_bytes(dst.len())` bytes;

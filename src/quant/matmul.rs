@@ -7,6 +7,7 @@ use super::dequant::dequantize_row;
 use super::kernels;
 use super::GgmlType;
 use crate::error::{Error, Result};
+use crate::parallel::DisjointMut;
 
 /// Bytes owned by something that outlives the matrix: a memory-mapped model file or a buffer.
 #[derive(Clone)]
@@ -124,13 +125,6 @@ pub struct Input<'a> {
     pub n: usize,
 }
 
-/// A raw output pointer shared by threads that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every tile writes only its own rows of its own output (see `matmul_many`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// Computes several products over the same input in one parallel region (e.g. Q, K and V):
 /// for each `(w, out)`, `out[t * w.rows + r] = W[r] · x[t]` for the `input.n` tokens.
 pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
@@ -147,7 +141,7 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
     for (j, (w, out)) in jobs.iter_mut().enumerate() {
         assert_eq!(out.len(), n * w.rows, "{}: output size", w.name);
         assert_eq!(input.x.len(), n * w.cols, "{}: input size", w.name);
-        outs.push(OutPtr(out.as_mut_ptr()));
+        outs.push(DisjointMut::new(out));
         for r0 in (0..w.rows).step_by(tile) {
             tiles.push((j, r0, (r0 + tile).min(w.rows)));
         }
@@ -171,7 +165,7 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
                     bytes,
                     w.row_bytes,
                     &q8_rows,
-                    out.0.add(r0),
+                    out.ptr().add(r0),
                     w.rows,
                 )
             };
@@ -183,7 +177,7 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
                 for t in 0..n {
                     let v = dot_f32(&wrow, &input.x[t * w.cols..(t + 1) * w.cols]);
                     // SAFETY: as above.
-                    unsafe { *out.0.add(t * w.rows + r) = v };
+                    unsafe { *out.ptr().add(t * w.rows + r) = v };
                 }
             }
         }
