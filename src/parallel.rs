@@ -168,21 +168,27 @@ impl Drop for AbortOnPanic {
 
 /// A pointer to a buffer that the tasks of one parallel loop write at disjoint elements (each task
 /// its own rows or heads), which `&mut` slices cannot express across tasks.
-#[derive(Clone, Copy)]
-pub struct DisjointMut(*mut f32);
+pub struct DisjointMut<T = f32>(*mut T);
+
+impl<T> Clone for DisjointMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DisjointMut<T> {}
 
 // SAFETY: users write only elements no other task of the same loop touches (checked by each
 // call site's indexing), and the buffer outlives the loop.
-unsafe impl Send for DisjointMut {}
-unsafe impl Sync for DisjointMut {}
+unsafe impl<T: Send> Send for DisjointMut<T> {}
+unsafe impl<T: Send> Sync for DisjointMut<T> {}
 
-impl DisjointMut {
-    pub fn new(buf: &mut [f32]) -> Self {
+impl<T> DisjointMut<T> {
+    pub fn new(buf: &mut [T]) -> Self {
         DisjointMut(buf.as_mut_ptr())
     }
 
     /// The start of the buffer.
-    pub fn ptr(self) -> *mut f32 {
+    pub fn ptr(self) -> *mut T {
         self.0
     }
 }

@@ -6,45 +6,57 @@
 /// multiple of this.
 pub const QK8: usize = 32;
 
-/// A matrix of activations (one row per token), quantized in blocks of 32 along each row.
+/// A matrix of activations (one row per token), quantized in blocks of 32 along each row. A row
+/// whose length is not a multiple of 32 is padded with zeros to the next multiple (pq weights pad
+/// their last chunk the same way).
 ///
-/// For block `b`: `x[j] ≈ d[b] * qs[32 b + j]`, and `s[b] = d[b] * Σ_j qs[32 b + j]` (the block sum,
-/// needed by formats with a per-block offset such as Q4_1).
+/// For block `b`: `x[j] ≈ d[b] * qs[32 b + j]`, `s[b] = d[b] * Σ_j qs[32 b + j]` rounded to f16
+/// (the block sum as ggml's Q8_1 stores it, used by the Q4_1 kernel to round like llama.cpp) and
+/// `isum[b] = Σ_j qs[32 b + j]` exactly (used by the pq kernels for their offsets).
 #[derive(Debug, Default, Clone)]
 pub struct Q8Acts {
     pub rows: usize,
     pub cols: usize,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    pub isum: Vec<i32>,
     pub qs: Vec<i8>,
 }
 
 impl Q8Acts {
     pub fn blocks_per_row(&self) -> usize {
-        self.cols / QK8
+        self.cols.div_ceil(QK8)
     }
 
-    /// Quantizes `rows` rows of `cols` values each (`cols` a multiple of 32), reusing buffers.
+    /// Quantizes `rows` rows of `cols` values each, reusing buffers.
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
-        assert!(
-            cols.is_multiple_of(QK8),
-            "activation rows must be a multiple of {QK8}"
-        );
         assert_eq!(x.len(), rows * cols);
-        let nb = rows * cols / QK8;
+        let nbr = cols.div_ceil(QK8);
+        let nb = rows * nbr;
         self.rows = rows;
         self.cols = cols;
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
-        self.qs.resize(rows * cols, 0);
-        for (b, (xb, qb)) in x
-            .chunks_exact(QK8)
-            .zip(self.qs.chunks_exact_mut(QK8))
-            .enumerate()
-        {
-            let (d, s) = quantize_block(xb, qb);
-            self.d[b] = d;
-            self.s[b] = s;
+        self.isum.resize(nb, 0);
+        self.qs.resize(nb * QK8, 0);
+        let mut pad = [0.0f32; QK8];
+        for r in 0..rows {
+            let xr = &x[r * cols..(r + 1) * cols];
+            for i in 0..nbr {
+                let b = r * nbr + i;
+                let xb = if (i + 1) * QK8 <= cols {
+                    &xr[i * QK8..(i + 1) * QK8]
+                } else {
+                    let n = cols - i * QK8;
+                    pad[..n].copy_from_slice(&xr[i * QK8..]);
+                    pad[n..].fill(0.0);
+                    &pad[..]
+                };
+                let (d, s, isum) = quantize_block(xb, &mut self.qs[b * QK8..(b + 1) * QK8]);
+                self.d[b] = d;
+                self.s[b] = s;
+                self.isum[b] = isum;
+            }
         }
     }
 
@@ -54,7 +66,8 @@ impl Q8Acts {
         Q8Row {
             d: &self.d[r * nb..(r + 1) * nb],
             s: &self.s[r * nb..(r + 1) * nb],
-            qs: &self.qs[r * self.cols..(r + 1) * self.cols],
+            isum: &self.isum[r * nb..(r + 1) * nb],
+            qs: &self.qs[r * nb * QK8..(r + 1) * nb * QK8],
         }
     }
 }
@@ -64,15 +77,16 @@ impl Q8Acts {
 pub struct Q8Row<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub isum: &'a [i32],
     pub qs: &'a [i8],
 }
 
-/// Symmetric round-to-nearest of one block; returns (scale, scale × sum of quants).
-fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+/// Symmetric round-to-nearest of one block; returns (scale, scale × sum of quants, sum of quants).
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         q.fill(0);
-        return (0.0, 0.0);
+        return (0.0, 0.0, 0);
     }
     let d = amax / 127.0;
     let id = 1.0 / d;
@@ -95,5 +109,5 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
             v
         }
     };
-    (f16(d), f16(d * sum as f32))
+    (f16(d), f16(d * sum as f32), sum)
 }

@@ -41,6 +41,8 @@ fn block_fn(ty: GgmlType) -> Result<BlockFn> {
         GgmlType::Q5K => block_q5_k,
         GgmlType::Q6K => block_q6_k,
         GgmlType::Q1_0 => block_q1_0,
+        // Decoded row by row in `dequantize_row` (a pq row's last group may be shorter).
+        GgmlType::Pq(_) => block_f32,
         GgmlType::Q8_1
         | GgmlType::Q8K
         | GgmlType::I8
@@ -64,8 +66,12 @@ pub fn check_supported(ty: GgmlType) -> Result<()> {
 ///
 /// `dst.len()` must be a whole number of blocks and `src` exactly `ty.row_bytes(dst.len())` bytes;
 /// anything else is an error (never a panic), since a length mismatch means the caller has the layout
-/// wrong and any output would be garbage. Several rows laid end to end may be passed as one "row".
+/// wrong and any output would be garbage. For ggml's types several rows laid end to end may be
+/// passed as one "row"; a pq row is one row (see [`dequantize_rows`]).
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    if let GgmlType::Pq(p) = ty {
+        return p.dequantize_row(src, dst);
+    }
     let decode = block_fn(ty)?;
     let (bs, ts) = (ty.block_size(), ty.type_size());
     if !dst.len().is_multiple_of(bs) {
@@ -84,6 +90,29 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
     }
     for (block, out) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(bs)) {
         decode(block, out);
+    }
+    Ok(())
+}
+
+/// Dequantizes consecutive rows of `row_len` weights each (`dst.len()` a multiple of it).
+pub fn dequantize_rows(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [f32]) -> Result<()> {
+    if row_len == 0 || !dst.len().is_multiple_of(row_len) {
+        return Err(Error::Invalid(format!(
+            "{} weights are not whole rows of {row_len}",
+            dst.len()
+        )));
+    }
+    let rb = ty.row_bytes(row_len)?;
+    let rows = dst.len() / row_len;
+    if src.len() != rb * rows {
+        return Err(Error::Invalid(format!(
+            "{rows} rows of {row_len} {ty} weights take {} bytes, but {} were given",
+            rb * rows,
+            src.len()
+        )));
+    }
+    for (s, d) in src.chunks_exact(rb).zip(dst.chunks_exact_mut(row_len)) {
+        dequantize_row(ty, s, d)?;
     }
     Ok(())
 }
@@ -125,7 +154,7 @@ pub fn dequantize_tensor(g: &Gguf, t: &TensorInfo) -> Result<Vec<f32>> {
         ))
     })?;
     out.resize(n, 0.0);
-    dequantize_row(t.ggml_type, g.tensor_data(t), &mut out)?;
+    dequantize_rows(t.ggml_type, g.tensor_data(t), t.row_len().max(1), &mut out)?;
     Ok(out)
 }
 

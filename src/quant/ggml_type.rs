@@ -4,6 +4,7 @@
 //! `type_size` bytes; a row of `n` weights takes `n / block_size` blocks, so a row length must be a
 //! multiple of the block size.
 
+use super::pq::Pq;
 use crate::error::{Error, Result};
 
 /// A ggml tensor type. Only the ones pare knows by layout are listed; other ids are rejected by name.
@@ -31,6 +32,8 @@ pub enum GgmlType {
     BF16,
     /// The 1-bit format of the Bonsai models: 128 weights, one f16 scale, one sign bit each.
     Q1_0,
+    /// One of pare's own group-wise k-bit formats, stored under pare's type ids (see [`Pq`]).
+    Pq(Pq),
 }
 
 /// Type ids of ggml types pare does not implement, so that an error can name them.
@@ -100,6 +103,7 @@ impl GgmlType {
             GgmlType::F64 => 28,
             GgmlType::BF16 => 30,
             GgmlType::Q1_0 => 41,
+            GgmlType::Pq(p) => p.id(),
         }
     }
 
@@ -107,6 +111,9 @@ impl GgmlType {
     pub fn from_id(id: u32) -> Result<GgmlType> {
         if let Some(t) = GgmlType::ALL.iter().find(|t| t.id() == id) {
             return Ok(*t);
+        }
+        if let Some(p) = Pq::from_id(id) {
+            return Ok(GgmlType::Pq(p));
         }
         match OTHER_NAMES.iter().find(|(i, _)| *i == id) {
             Some((_, name)) => Err(Error::UnsupportedType(format!(
@@ -140,6 +147,7 @@ impl GgmlType {
             GgmlType::F64 => "F64",
             GgmlType::BF16 => "BF16",
             GgmlType::Q1_0 => "Q1_0",
+            GgmlType::Pq(p) => p.name(),
         }
     }
 
@@ -153,6 +161,7 @@ impl GgmlType {
             | GgmlType::Q8_0
             | GgmlType::Q8_1 => 32,
             GgmlType::Q1_0 => 128,
+            GgmlType::Pq(p) => p.group as usize,
             GgmlType::Q2K
             | GgmlType::Q3K
             | GgmlType::Q4K
@@ -183,6 +192,7 @@ impl GgmlType {
             GgmlType::Q6K => 210,
             GgmlType::Q8K => 292,
             GgmlType::Q1_0 => 18,
+            GgmlType::Pq(p) => p.group_bytes(),
         }
     }
 
@@ -191,8 +201,12 @@ impl GgmlType {
         self.type_size() as f64 * 8.0 / self.block_size() as f64
     }
 
-    /// Bytes taken by `n` weights, or an error when `n` is not a whole number of blocks.
+    /// Bytes taken by a row of `n` weights, or an error when `n` is not a whole number of blocks
+    /// (pq formats take any `n`: their last group may be shorter).
     pub fn row_bytes(self, n: usize) -> Result<usize> {
+        if let GgmlType::Pq(p) = self {
+            return Ok(p.row_bytes(n));
+        }
         let bs = self.block_size();
         if !n.is_multiple_of(bs) {
             return Err(Error::Gguf(format!(

@@ -2,8 +2,12 @@
 
 pub mod activation;
 pub mod dequant;
+pub mod format;
 pub mod ggml_type;
 pub mod kernels;
 pub mod matmul;
+pub mod pq;
+pub mod quantize;
 
 pub use ggml_type::GgmlType;
+pub use pq::Pq;
