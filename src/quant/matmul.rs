@@ -5,6 +5,7 @@ use std::sync::Arc;
 use super::activation::{Q8Acts, Q8Row};
 use super::dequant::dequantize_row;
 use super::kernels;
+use super::kernels::panel::{self, PanelActs, UnpackedRows};
 use super::GgmlType;
 use crate::error::{Error, Result};
 use crate::parallel::DisjointMut;
@@ -151,11 +152,26 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
         Some(q8) if mats.iter().any(|w| w.wants_q8()) => (0..n).map(|t| q8.row(t)).collect(),
         _ => Vec::new(),
     };
+    let use_panel = |w: &QMatrix| {
+        input.q8.is_some() && n >= PANEL_MIN_TOKENS && w.wants_q8() && panel::supports(isa, w.ty)
+    };
+    let mut panel_acts = PanelActs::default();
+    if let Some(q8) = input.q8.filter(|_| mats.iter().any(|w| use_panel(w))) {
+        panel_acts.pack(q8, panel::panel_tokens(isa));
+    }
     crate::parallel::for_each(tiles.len(), &|i| {
         let (j, r0, r1) = tiles[i];
         let w = mats[j];
         let out = outs[j];
-        if w.wants_q8() && input.q8.is_some() {
+        if use_panel(w) {
+            UNPACKED.with_borrow_mut(|u| {
+                let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
+                u.unpack(w.ty, bytes, r1 - r0, w.cols);
+                // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in
+                // bounds; `isa` is the detected (or a lower, forced) instruction set.
+                unsafe { panel::gemm(isa, u, 0..r1 - r0, &panel_acts, out.ptr().add(r0), w.rows) };
+            });
+        } else if w.wants_q8() && input.q8.is_some() {
             let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
             // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in bounds.
             unsafe {
@@ -182,6 +198,14 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
             }
         }
     });
+}
+
+/// Products of at least this many tokens use the panel GEMM where it supports the weight type.
+const PANEL_MIN_TOKENS: usize = 8;
+
+thread_local! {
+    /// Each worker's buffer of weight rows unpacked for the panel GEMM.
+    static UNPACKED: std::cell::RefCell<UnpackedRows> = Default::default();
 }
 
 /// `out = W x` for one matrix.

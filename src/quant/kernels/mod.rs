@@ -14,6 +14,9 @@ use super::GgmlType;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod panel;
+#[cfg(target_arch = "x86_64")]
+mod panel_x86;
 pub mod scalar;
 
 /// The instruction sets pare has kernels for, best last.
