@@ -274,27 +274,73 @@ fn attention(c: &Config, kv: &KvCache, layer: usize, p0: usize, q: &[f32], out: 
     let values = kv.values(layer, p0 + n);
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = crate::parallel::DisjointMut::new(out);
+    let isa = crate::quant::kernels::isa();
     crate::parallel::for_each(n * nh, &|i| {
         // SAFETY: task i writes only its own head_dim-sized slice of `out`.
         let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(i * hd), hd) };
         let (t, h) = (i / nh, i % nh);
-        let kvh = h / group;
-        let qh = &q[t * c.q_dim() + h * hd..][..hd];
-        let len = p0 + t + 1;
-        SCORES.with_borrow_mut(|sc| {
-            sc.resize(len, 0.0);
-            for (j, s) in sc.iter_mut().enumerate() {
-                let kj = &keys[j * kvd + kvh * hd..][..hd];
-                *s = crate::quant::matmul::dot_f32(qh, kj) * scale;
-            }
-            ops::softmax(sc);
-            o.fill(0.0);
-            for (j, &p) in sc.iter().enumerate() {
-                let vj = &values[j * kvd + kvh * hd..][..hd];
-                for (oi, &vi) in o.iter_mut().zip(vj) {
-                    *oi += p * vi;
-                }
-            }
+        let head = Head {
+            q: &q[t * c.q_dim() + h * hd..][..hd],
+            keys,
+            values,
+            stride: kvd,
+            offset: (h / group) * hd,
+            len: p0 + t + 1,
+            scale,
+        };
+        SCORES.with_borrow_mut(|sc| match isa {
+            // SAFETY: `isa` names only instruction sets the CPU has.
+            #[cfg(target_arch = "x86_64")]
+            crate::quant::kernels::Isa::Avx512 => unsafe { head.attend_avx512(sc, o) },
+            #[cfg(target_arch = "x86_64")]
+            crate::quant::kernels::Isa::Avx2 => unsafe { head.attend_avx2(sc, o) },
+            _ => head.attend(sc, o),
         });
     });
+}
+
+/// One query head against the cached keys and values of its KV head.
+struct Head<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// Floats between consecutive positions in `keys`/`values`, and this head's offset in them.
+    stride: usize,
+    offset: usize,
+    len: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// The plain code, compiled once per instruction set below. Rust never fuses a multiply and
+    /// an add by itself, so every version computes bit-identical results, only with wider vectors.
+    #[inline(always)]
+    fn attend(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
+        let hd = self.q.len();
+        sc.resize(self.len, 0.0);
+        for (j, s) in sc.iter_mut().enumerate() {
+            let kj = &self.keys[j * self.stride + self.offset..][..hd];
+            *s = crate::quant::matmul::dot_f32(self.q, kj) * self.scale;
+        }
+        ops::softmax(sc);
+        o.fill(0.0);
+        for (j, &p) in sc.iter().enumerate() {
+            let vj = &self.values[j * self.stride + self.offset..][..hd];
+            for (oi, &vi) in o.iter_mut().zip(vj) {
+                *oi += p * vi;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
+        self.attend(sc, o)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+    unsafe fn attend_avx512(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
+        self.attend(sc, o)
+    }
 }

@@ -71,6 +71,7 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 }
 
 /// In-place softmax.
+#[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0.0f32;

@@ -214,6 +214,7 @@ pub fn matmul(w: &QMatrix, input: &Input, out: &mut [f32]) {
 }
 
 /// Dot product of two f32 slices, with 8 independent accumulators so it vectorises.
+#[inline(always)]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
