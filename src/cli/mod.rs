@@ -35,7 +35,7 @@ enum Command {
 /// Options every model-running command shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Model file (GGUF).
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
     #[arg(short = 'm', long = "model")]
     pub model: std::path::PathBuf,
     /// Worker threads (default: all cores).
