@@ -284,5 +284,13 @@ impl safetensors::View for LazyTensor<'_> {
 pub fn write(path: &Path, tensors: Vec<(String, LazyTensor<'_>)>) -> Result<()> {
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors, Some(meta), path)
-        .map_err(|e| st_err(path, format!("writing: {e}")))
+        .map_err(|e| st_err(path, format!("writing: {e}")))?;
+    // The crate writes through a private temporary file (mode 0600); a model is for sharing.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
 }
