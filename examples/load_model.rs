@@ -45,7 +45,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed().as_secs_f64() * 1e3,
         status()
     );
-    let ids = tok.encode("The capital of France is Paris, and the capital of", true, false)?;
+    let ids = tok.encode(
+        "The capital of France is Paris, and the capital of",
+        true,
+        false,
+    )?;
     let mut st = State::new(&model, 64)?;
     let t = Instant::now();
     model.forward(&mut st, &ids, Logits::Last)?;

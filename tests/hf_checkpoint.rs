@@ -173,6 +173,28 @@ fn synthetic_export_round_trips_bit_for_bit() {
             .filter(|e| e.file_name().to_string_lossy().contains("pare-tmp"))
             .collect();
         assert!(left.is_empty());
+        // GGUF metadata for the checkpoint: GPT-2 pre-tokenizer, explicit head size for Qwen3.
+        let meta = b.gguf_metadata().unwrap();
+        let get = |k: &str| {
+            meta.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("tokenizer.ggml.pre").unwrap().as_str(), Some("gpt-2"));
+        assert_eq!(
+            get("tokenizer.ggml.tokens")
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            259
+        );
+        if arch == "qwen3" {
+            assert_eq!(
+                get("qwen3.attention.key_length").unwrap().as_u64(),
+                Some(24)
+            );
+        }
         // An existing directory is refused unless overwriting.
         let e = export_hf(&a, &out, &ExportOptions::default()).unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
@@ -256,6 +278,58 @@ fn real_model_f32_export_matches_gguf() {
     assert_eq!(tok_g.add_bos(), tok_h.add_bos());
     assert_eq!(tok_g.eog_ids(), tok_h.eog_ids());
     assert_eq!(tok_g.vocab_size(), tok_h.vocab_size());
+    // GGUF metadata built from the directory equals what the GGUF carries.
+    let built = hf.gguf_metadata().unwrap();
+    let get = |k: &str| {
+        built
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let g = gguf.gguf().unwrap();
+    for key in [
+        "general.architecture",
+        "llama.block_count",
+        "llama.context_length",
+        "llama.embedding_length",
+        "llama.feed_forward_length",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+        "llama.attention.layer_norm_rms_epsilon",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template",
+    ] {
+        let (want, got) = (g.get(key), get(key));
+        let want = want.unwrap_or_else(|| panic!("GGUF lacks {key}"));
+        let got = got.unwrap_or_else(|| panic!("built metadata lacks {key}"));
+        // Integer widths may differ (llama.cpp writes some as u32, some as i32).
+        let same = match (want.as_array(), got.as_array()) {
+            (Some(a), Some(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(x, y)| x == y || (x.as_i64().is_some() && x.as_i64() == y.as_i64()))
+            }
+            _ => *want == got || (want.as_f64().is_some() && want.as_f64() == got.as_f64()),
+        };
+        assert!(
+            same,
+            "{key}: GGUF {} vs built {}",
+            want.summary(),
+            got.summary()
+        );
+    }
+    assert!(hf.qk_rows_need_gguf_permutation());
+    assert!(!gguf.qk_rows_need_gguf_permutation());
+
     let msgs = [
         pare::format::chat_template::Message::new("system", "Be brief."),
         pare::format::chat_template::Message::new("user", "Hi"),

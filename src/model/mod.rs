@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod gguf_metadata;
 pub mod kv_cache;
 pub mod ops;
 pub mod weights;

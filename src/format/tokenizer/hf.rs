@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{byte_tables, tk_err, Parts, TokenKind, Tokenizer};
+use super::{byte_tables, pre_tokenizer_spec, tk_err, Parts, TokenKind, Tokenizer};
 use crate::error::{Error, Result};
 use crate::format::hf::HfCheckpoint;
 
@@ -124,7 +124,7 @@ impl Tokenizer {
             eot: None,
             add_bos,
             add_eos,
-            pre: "tokenizer.json".into(),
+            pre: llama_cpp_pre(&raw).unwrap_or_else(|| "tokenizer.json".into()),
         }))
     }
 
@@ -174,4 +174,57 @@ fn byte_token(text: &str) -> Option<u8> {
         return None;
     }
     u8::from_str_radix(hex, 16).ok()
+}
+
+/// The `tokenizer.ggml.pre` name llama.cpp gives this tokenizer.json's pre-tokenizer, when it is
+/// one of the families pare knows (what a GGUF written from the checkpoint must carry).
+///
+/// llama.cpp's converter hashes the ids of a test text; here the pre-tokenizer itself is matched:
+/// its split expressions (Hugging Face writes the contractions as `(?i:'s|...)`, llama.cpp
+/// spells the case variants out) against each family's, or SmolLM's / GPT-2's regex-mode
+/// byte-level step.
+fn llama_cpp_pre(raw: &serde_json::Value) -> Option<String> {
+    let pre = raw.get("pre_tokenizer")?;
+    let steps: Vec<&serde_json::Value> = match pre.get("type")?.as_str()? {
+        "Sequence" => pre.get("pretokenizers")?.as_array()?.iter().collect(),
+        _ => vec![pre],
+    };
+    let mut regexes = Vec::new();
+    let mut byte_level_regex = false;
+    let mut digits = false;
+    for st in steps {
+        match st.get("type")?.as_str()? {
+            "Split" => {
+                let re = st.pointer("/pattern/Regex")?.as_str()?;
+                regexes.push(re.replace(
+                    "(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+                    "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])",
+                ));
+            }
+            "ByteLevel" => {
+                byte_level_regex = st.get("use_regex").and_then(|u| u.as_bool()) != Some(false)
+            }
+            "Digits" => {
+                digits = st.get("individual_digits").and_then(|d| d.as_bool()) == Some(true)
+            }
+            _ => return None,
+        }
+    }
+    match (regexes.is_empty(), digits, byte_level_regex) {
+        (true, true, true) => return Some("smollm".into()),
+        (true, false, true) => return Some("gpt-2".into()),
+        (false, false, false) => {}
+        _ => return None,
+    }
+    let ignore_merges = raw
+        .pointer("/model/ignore_merges")
+        .and_then(|i| i.as_bool())
+        .unwrap_or(false);
+    ["default", "llama-bpe", "dbrx", "qwen2", "smollm", "gpt-2"]
+        .into_iter()
+        .find(|name| {
+            pre_tokenizer_spec(name)
+                .is_ok_and(|spec| spec.regexes == regexes && spec.ignore_merges == ignore_merges)
+        })
+        .map(str::to_string)
 }
