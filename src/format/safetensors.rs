@@ -121,7 +121,7 @@ impl SafetensorsFile {
                 metadata = m;
                 continue;
             }
-            let entry = Self::entry(&name, &v, data_start, data_len)
+            let entry = Self::entry(&v, data_start, data_len)
                 .map_err(|msg| st_err(&path, format!("tensor {name:?}: {msg}")))?;
             tensors.push((name, entry));
         }
@@ -142,7 +142,6 @@ impl SafetensorsFile {
 
     /// One header entry, checked against the data section: `Err` is the problem in words.
     fn entry(
-        name: &str,
         v: &serde_json::Value,
         data_start: usize,
         data_len: usize,
@@ -177,7 +176,6 @@ impl SafetensorsFile {
                 e - s
             ));
         }
-        let _ = name;
         Ok(TensorEntry {
             dtype,
             shape,

@@ -48,6 +48,14 @@ impl Tokenizer {
         if n_vocab == 0 {
             return Err(err("the vocabulary is empty".into()));
         }
+        // Ids index tables below; a hostile file must not size them at will.
+        if n_vocab > 1 << 24 || n_vocab > 2 * vocab.len() + 1024 {
+            return Err(err(format!(
+                "token ids reach {} for {} tokens: the ids are not a dense range",
+                n_vocab - 1,
+                vocab.len()
+            )));
+        }
         let mut texts = vec![String::new(); n_vocab];
         for (t, &id) in &vocab {
             texts[id as usize] = t.clone();
