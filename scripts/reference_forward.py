@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Independent reference forward pass for GGUF decoder models, in plain numpy.
+"""Independent reference forward pass for GGUF decoder models and Hugging Face checkpoint
+directories, in plain numpy.
 
 Reads a GGUF file with the `gguf` package, dequantizes every weight once with
 `gguf.quants.dequantize` (which reproduces ggml's dequantization exactly in
@@ -26,6 +27,13 @@ Both facts (rope type per arch, q/k norm before rope) were checked against
 llama.cpp's `llama_model_rope_type` (src/llama-model.cpp) and
 src/models/{llama,qwen3}.cpp in the llama.cpp vendored by llama-cpp-python 0.3.36.
 
+A Hugging Face checkpoint directory (config.json + model.safetensors or shards named by
+model.safetensors.index.json; dtypes F32/F16/BF16, parsed here from the raw safetensors layout,
+not through pare's reader) is configured from config.json as transformers does. Its Llama q/k
+rows are in split-halves order; this reference permutes them exactly as llama.cpp's converter
+(convert_hf_to_gguf.py `LlamaModel.permute`) and then uses the adjacent-pair RoPE above, so it
+checks pare's claim that NEOX RoPE on the unpermuted rows is the same model.
+
 CLI:
   reference_forward.py MODEL --tokens 1,2,3 [--tokens 4,5 ...] [--out FILE.json] [--top K]
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -68,6 +77,9 @@ class Model:
 
     def __init__(self, path: str):
         self.path = path
+        if os.path.isdir(path):
+            self._init_hf(path)
+            return
         r = gguf.GGUFReader(path)
         self.reader = r
         arch = _field(r, "general.architecture", required=True)
@@ -152,6 +164,65 @@ class Model:
         # RoPE frequencies: theta_i = base^(-2i/n_rot), i in [0, n_rot/2)
         self.inv_freq = self.rope_base ** (-np.arange(0, self.n_rot, 2, dtype=np.float64) / self.n_rot)
 
+    def _init_hf(self, path: str) -> None:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        arch = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}[cfg["architectures"][0]]
+        self.arch = arch
+        self.n_layer = int(cfg["num_hidden_layers"])
+        self.n_embd = int(cfg["hidden_size"])
+        self.n_ff = int(cfg["intermediate_size"])
+        self.n_head = int(cfg["num_attention_heads"])
+        self.n_head_kv = int(cfg.get("num_key_value_heads") or self.n_head)
+        self.head_dim_k = self.head_dim_v = self.n_rot = int(cfg.get("head_dim") or self.n_embd // self.n_head)
+        self.eps = float(cfg["rms_norm_eps"])
+        self.rope_base = float(cfg.get("rope_theta", 10000.0))
+        self.n_ctx_train = int(cfg.get("max_position_embeddings", 0))
+        self.kq_scale = 1.0 / np.sqrt(self.head_dim_k)
+        self.rope_type = ROPE_TYPE[arch]
+        self.tokens = None
+        raw = _read_safetensors_dir(path)
+
+        def W(name, shape):
+            a = raw[name]
+            if a.shape != shape:
+                raise ValueError(f"tensor {name}: shape {a.shape}, expected {shape}")
+            return a.astype(np.float64)
+
+        def permute(w, n_head):
+            # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+            return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+                    .swapaxes(1, 2).reshape(w.shape))
+
+        E, F, Hq, Hk, D = self.n_embd, self.n_ff, self.n_head, self.n_head_kv, self.head_dim_k
+        self.n_vocab = int(cfg["vocab_size"])
+        self.tok_embd = W("model.embed_tokens.weight", (self.n_vocab, E))
+        self.output_norm = W("model.norm.weight", (E,))
+        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        self.output = self.tok_embd if self.tied else W("lm_head.weight", (self.n_vocab, E))
+        self.layers = []
+        for i in range(self.n_layer):
+            p = f"model.layers.{i}."
+            L = {
+                "attn_norm": W(p + "input_layernorm.weight", (E,)),
+                "wq": W(p + "self_attn.q_proj.weight", (Hq * D, E)),
+                "wk": W(p + "self_attn.k_proj.weight", (Hk * D, E)),
+                "wv": W(p + "self_attn.v_proj.weight", (Hk * D, E)),
+                "wo": W(p + "self_attn.o_proj.weight", (E, Hq * D)),
+                "ffn_norm": W(p + "post_attention_layernorm.weight", (E,)),
+                "gate": W(p + "mlp.gate_proj.weight", (F, E)),
+                "up": W(p + "mlp.up_proj.weight", (F, E)),
+                "down": W(p + "mlp.down_proj.weight", (E, F)),
+            }
+            if arch == "llama":
+                L["wq"] = permute(L["wq"], Hq)
+                L["wk"] = permute(L["wk"], Hk)
+            else:
+                L["q_norm"] = W(p + "self_attn.q_norm.weight", (D,))
+                L["k_norm"] = W(p + "self_attn.k_norm.weight", (D,))
+            self.layers.append(L)
+        self.inv_freq = self.rope_base ** (-np.arange(0, self.n_rot, 2, dtype=np.float64) / self.n_rot)
+
     # ---- ops -------------------------------------------------------------
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -217,6 +288,46 @@ class Model:
             x = x + ((g / (1.0 + np.exp(-g))) * u) @ L["down"].T
         x = self.rms_norm(x, self.output_norm)
         return x @ self.output.T
+
+
+def _read_safetensors(path: str) -> dict:
+    """Every tensor of one safetensors file as float32, from the raw layout (8-byte LE header
+    length, JSON header, data)."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    n = int.from_bytes(buf[:8], "little")
+    header = json.loads(buf[8:8 + n])
+    data = buf[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        s, e = info["data_offsets"]
+        raw = data[s:e]
+        dt = info["dtype"]
+        if dt == "F32":
+            a = np.frombuffer(raw, dtype="<f4")
+        elif dt == "F16":
+            a = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+        elif dt == "BF16":
+            a = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            raise ValueError(f"{path}: tensor {name}: dtype {dt} not supported by this reference")
+        out[name] = a.reshape(info["shape"])
+    return out
+
+
+def _read_safetensors_dir(path: str) -> dict:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for fn in files:
+        out.update(_read_safetensors(os.path.join(path, fn)))
+    return out
 
 
 def _fmt_f32_row(row: np.ndarray) -> str:

@@ -20,6 +20,12 @@ pub enum Error {
     /// Model metadata or tensors that do not describe a model pare can run.
     #[error("model: {0}")]
     Model(String),
+    /// A safetensors file that is not well-formed (the message names the file).
+    #[error("malformed safetensors: {0}")]
+    Safetensors(String),
+    /// A Hugging Face checkpoint directory that pare cannot load (the message names the file).
+    #[error("Hugging Face checkpoint: {0}")]
+    HfDir(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod format;
 pub mod infer;
 pub mod model;

@@ -13,7 +13,6 @@
 
 mod common;
 
-use pare::format::tokenizer::Tokenizer;
 use pare::infer::generate::{generate, GenerateOptions};
 use pare::infer::sampling::SamplingParams;
 use pare::model::{Logits, Model, State};
@@ -31,7 +30,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 #[test]
 fn greedy_decoding_follows_llama_cpp() {
     let model = Model::load(common::real_model()).unwrap();
-    let tok = Tokenizer::from_gguf(&model.gguf).unwrap();
+    let tok = model.tokenizer().unwrap();
     let fixture: serde_json::Value = serde_json::from_slice(
         &std::fs::read(common::root().join("tests/fixtures/llamacpp_greedy.json")).unwrap(),
     )

@@ -1,6 +1,7 @@
 //! One module per command; each parses its arguments and calls the library.
 
 mod bench;
+mod export;
 mod inspect;
 mod perplexity;
 mod run;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Prompt-processing and generation speed (tokens/s) and peak memory.
     Bench(bench::Args),
+    /// Write a model as a Hugging Face checkpoint directory (config.json, safetensors, tokenizer).
+    Export(export::Args),
     /// Tensors, formats, sizes and metadata of a model file.
     Inspect(inspect::Args),
     /// Perplexity of a text the way llama-perplexity measures it; KL divergence to a saved base.
@@ -35,7 +38,7 @@ enum Command {
 /// Options every model-running command shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Model file (GGUF).
+    /// Model: a GGUF file or a Hugging Face checkpoint directory.
     #[arg(short = 'm', long = "model")]
     pub model: std::path::PathBuf,
     /// Worker threads (default: all cores).
@@ -69,6 +72,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Export(a) => export::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Run(a) => run::run(a),

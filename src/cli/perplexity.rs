@@ -2,7 +2,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pare::eval::kl;
 use pare::eval::model_eval::ModelEval;
 use pare::eval::perplexity::{perplexity, read_text, PerplexityOptions};
-use pare::format::tokenizer::Tokenizer;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,7 +39,7 @@ fn progress(n: usize) -> ProgressBar {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let text = read_text(&a.file)?;
     let model = a.common.load()?;
-    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let tok = model.tokenizer()?;
     // As llama-perplexity: BOS first (and at each chunk's start) only when the model adds BOS.
     let tokens = tok.encode(&text, true, false)?;
     let bos = if tok.add_bos() { tok.bos() } else { None };

@@ -1,7 +1,6 @@
 use std::io::Write;
 
-use pare::format::chat_template::{ChatTemplate, Message};
-use pare::format::tokenizer::Tokenizer;
+use pare::format::chat_template::Message;
 use pare::infer::generate::{generate, GenerateOptions};
 use pare::infer::sampling::SamplingParams;
 
@@ -75,9 +74,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     let model = a.common.load()?;
-    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let tok = model.tokenizer()?;
     let prompt = if a.chat {
-        let template = ChatTemplate::from_gguf(&model.gguf)?
+        let template = model
+            .chat_template()?
             .ok_or_else(|| anyhow::anyhow!("--chat: the model has no chat template"))?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {

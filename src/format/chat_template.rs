@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::gguf::Gguf;
+use crate::format::hf::HfCheckpoint;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -73,6 +74,17 @@ impl ChatTemplate {
         };
         let bos = text_of("tokenizer.ggml.bos_token_id");
         let eos = text_of("tokenizer.ggml.eos_token_id");
+        ChatTemplate::new(source, &bos, &eos).map(Some)
+    }
+
+    /// A checkpoint directory's template (`chat_template.jinja` or `tokenizer_config.json`), or
+    /// `None`; BOS/EOS texts come from `tokenizer_config.json`.
+    pub fn from_hf(h: &HfCheckpoint) -> Result<Option<ChatTemplate>> {
+        let Some(source) = &h.chat_template else {
+            return Ok(None);
+        };
+        let bos = h.special_token_text("bos_token").unwrap_or_default();
+        let eos = h.special_token_text("eos_token").unwrap_or_default();
         ChatTemplate::new(source, &bos, &eos).map(Some)
     }
 

@@ -1,7 +1,10 @@
-//! Model files: GGUF reading, the tokenizer and chat template stored in them.
+//! Model files: GGUF reading, Hugging Face checkpoint directories (safetensors), the tokenizer and
+//! chat template stored in them.
 
 pub mod chat_template;
 pub mod gguf;
+pub mod hf;
+pub mod safetensors;
 pub mod tokenizer;
 
 pub use gguf::{Gguf, TensorInfo, Value};

@@ -21,6 +21,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 use crate::error::{Error, Result};
 use crate::format::gguf::Gguf;
 
+mod hf;
+
 /// llama.cpp's `llama_token_type` values in `tokenizer.ggml.token_type`.
 mod token_type {
     pub const UNDEFINED: i64 = 0;
@@ -116,7 +118,25 @@ fn byte_tables() -> ([char; 256], HashMap<char, u8>) {
     (to_char, from_char)
 }
 
-/// A GGUF model's tokenizer.
+/// What a tokenizer is made of, whichever file it came from (see [`Tokenizer::assemble`]).
+struct Parts {
+    /// The BPE with special (control) and user-defined tokens added.
+    with_special: tokenizers::Tokenizer,
+    /// Each token's vocabulary text.
+    texts: Vec<String>,
+    pieces: Vec<Vec<u8>>,
+    kinds: Vec<TokenKind>,
+    token_ids: HashMap<String, u32>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eom: Option<u32>,
+    eot: Option<u32>,
+    add_bos: bool,
+    add_eos: bool,
+    pre: String,
+}
+
+/// A model's tokenizer (from a GGUF's vocabulary or a Hugging Face `tokenizer.json`).
 pub struct Tokenizer {
     /// Splits special-token text out of the input.
     with_special: tokenizers::Tokenizer,
@@ -276,8 +296,6 @@ impl Tokenizer {
             .collect();
         with_special.add_special_tokens(&special);
         with_special.add_tokens(&user);
-        let mut without_special = with_special.clone();
-        without_special.set_encode_special_tokens(true);
 
         let id = |key: &str| -> Result<Option<u32>> {
             match g.get_u64(key) {
@@ -293,7 +311,46 @@ impl Tokenizer {
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
         let eom = id("tokenizer.ggml.eom_token_id")?;
-        let mut eot = id("tokenizer.ggml.eot_token_id")?;
+        let eot = id("tokenizer.ggml.eot_token_id")?;
+        let add_bos = g
+            .get_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(spec.default_add_bos);
+        let add_eos = g.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        Ok(Self::assemble(Parts {
+            with_special,
+            texts: tokens.iter().map(|t| t.to_string()).collect(),
+            pieces,
+            kinds,
+            token_ids,
+            bos,
+            eos,
+            eom,
+            eot,
+            add_bos,
+            add_eos,
+            pre: pre.to_string(),
+        }))
+    }
+
+    /// The tokenizer from its parts, whatever file they came from: finds the end-of-turn and
+    /// end-of-generation tokens as llama.cpp does.
+    fn assemble(p: Parts) -> Tokenizer {
+        let Parts {
+            with_special,
+            texts,
+            mut pieces,
+            mut kinds,
+            token_ids,
+            bos,
+            eos,
+            eom,
+            mut eot,
+            add_bos,
+            add_eos,
+            pre,
+        } = p;
+        let mut without_special = with_special.clone();
+        without_special.set_encode_special_tokens(true);
 
         // llama.cpp recognises end-of-turn / end-of-generation tokens by their text.
         const EOT_TEXTS: &[&str] = &[
@@ -333,16 +390,10 @@ impl Tokenizer {
             // A token that ends generation is a control token, whatever the file says.
             if kinds[t as usize] == TokenKind::Normal {
                 kinds[t as usize] = TokenKind::Control;
-                pieces[t as usize] = tokens[t as usize].as_bytes().to_vec();
+                pieces[t as usize] = texts[t as usize].as_bytes().to_vec();
             }
         }
-
-        let add_bos = g
-            .get_bool("tokenizer.ggml.add_bos_token")
-            .unwrap_or(spec.default_add_bos);
-        let add_eos = g.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
-
-        Ok(Tokenizer {
+        Tokenizer {
             with_special,
             without_special,
             pieces,
@@ -354,8 +405,8 @@ impl Tokenizer {
             eog,
             add_bos,
             add_eos,
-            pre: pre.to_string(),
-        })
+            pre,
+        }
     }
 
     /// Token ids for `text`. `add_bos` asks for the model's own special tokens (llama.cpp's

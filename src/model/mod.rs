@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod gguf_metadata;
 pub mod kv_cache;
 pub mod ops;
 pub mod weights;
@@ -13,24 +14,50 @@ use std::sync::Arc;
 pub use config::{Arch, Config, RopeStyle};
 pub use forward::{Logits, State};
 pub use kv_cache::KvCache;
-pub use weights::{LayerWeights, Weights};
+pub use weights::{LayerWeights, TensorSource, Weights};
 
 use crate::error::Result;
+use crate::format::chat_template::ChatTemplate;
+use crate::format::hf::HfCheckpoint;
+use crate::format::tokenizer::Tokenizer;
 use crate::format::Gguf;
+
+/// Where a model was loaded from; its tokenizer and chat template come from the same place.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A GGUF file.
+    Gguf(Arc<Gguf>),
+    /// A Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+    Hf(Arc<HfCheckpoint>),
+}
+
+impl ModelSource {
+    /// The file or directory the model came from.
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Gguf(g) => &g.path,
+            ModelSource::Hf(h) => &h.dir,
+        }
+    }
+}
 
 /// A loaded model: its configuration and weights (mapped from the file, not copied).
 pub struct Model {
     pub config: Config,
     pub weights: Weights,
-    pub gguf: Arc<Gguf>,
+    pub source: ModelSource,
     /// Compute every product in f32 on dequantized weights instead of on 8-bit activations: the
     /// slow reference path (the default, like llama.cpp, quantizes activations).
     pub exact_activations: bool,
 }
 
 impl Model {
-    /// Loads a GGUF model file.
+    /// Loads a model: a GGUF file, or a Hugging Face checkpoint directory.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let path = path.as_ref();
+        if HfCheckpoint::is_checkpoint_dir(path) {
+            return Self::from_hf(Arc::new(HfCheckpoint::open(path)?));
+        }
         let gguf = Arc::new(Gguf::open(path)?);
         Self::from_gguf(gguf)
     }
@@ -41,8 +68,43 @@ impl Model {
         Ok(Model {
             config,
             weights,
-            gguf,
+            source: ModelSource::Gguf(gguf),
             exact_activations: false,
         })
+    }
+
+    pub fn from_hf(ck: Arc<HfCheckpoint>) -> Result<Model> {
+        let config = Config::from_hf(&ck.config, &ck.config_path())?;
+        let weights = Weights::from_source(&*ck, &config)?;
+        Ok(Model {
+            config,
+            weights,
+            source: ModelSource::Hf(ck),
+            exact_activations: false,
+        })
+    }
+
+    /// The GGUF file, when the model was loaded from one.
+    pub fn gguf(&self) -> Option<&Arc<Gguf>> {
+        match &self.source {
+            ModelSource::Gguf(g) => Some(g),
+            ModelSource::Hf(_) => None,
+        }
+    }
+
+    /// The model's tokenizer: from the GGUF's vocabulary or from `tokenizer.json`.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match &self.source {
+            ModelSource::Gguf(g) => Tokenizer::from_gguf(g),
+            ModelSource::Hf(h) => Tokenizer::from_hf(h),
+        }
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
+        match &self.source {
+            ModelSource::Gguf(g) => ChatTemplate::from_gguf(g),
+            ModelSource::Hf(h) => ChatTemplate::from_hf(h),
+        }
     }
 }
