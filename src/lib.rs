@@ -11,6 +11,7 @@ pub mod format;
 pub mod infer;
 pub mod model;
 pub mod parallel;
+pub mod plan;
 pub mod quant;
 
 pub use error::{Error, Result};

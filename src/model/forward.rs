@@ -1,6 +1,8 @@
 //! The forward pass over preallocated buffers: a batch of tokens at consecutive positions goes
 //! through every layer, appending to the KV cache; logits come out for the positions asked for.
 
+use std::sync::Arc;
+
 use super::config::Config;
 use super::kv_cache::KvCache;
 use super::ops;
@@ -28,6 +30,14 @@ pub struct State {
     s: Scratch,
     /// Logits of the last forward call, `[n × n_vocab]`.
     pub logits: Vec<f32>,
+    /// Sees the input of every matrix product (calibration); `None` in normal runs.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// Receives the f32 input rows of every matrix product of a forward pass, before quantization.
+pub trait Observer: Send + Sync {
+    /// `x` holds `n` rows of `w.cols` values.
+    fn observe(&self, w: &QMatrix, x: &[f32], n: usize);
 }
 
 /// Buffers for one micro-batch, allocated once per state.
@@ -77,6 +87,7 @@ impl State {
             pos: 0,
             s: Scratch::new(&model.config, MAX_UBATCH.min(n_ctx)),
             logits: Vec::new(),
+            observer: None,
         })
     }
 
@@ -145,6 +156,8 @@ impl Model {
         let (d, hd) = (c.n_embd, c.head_dim);
         let p0 = st.pos;
         let exact = self.exact_activations;
+        let obs = st.observer.clone();
+        let obs = obs.as_deref();
         let s = &mut st.s;
 
         for (t, &tok) in tokens.iter().enumerate() {
@@ -168,7 +181,7 @@ impl Model {
                 &mut s.k[..n * c.kv_dim()],
                 &mut s.v[..n * c.kv_dim()],
             );
-            let input = input_for(exact, &mut s.q8, xn, n, &[&lw.wq, &lw.wk, &lw.wv]);
+            let input = input_for(exact, obs, &mut s.q8, xn, n, &[&lw.wq, &lw.wk, &lw.wv]);
             matmul_many(
                 &mut [(&lw.wq, &mut *q), (&lw.wk, &mut *k), (&lw.wv, &mut *v)],
                 &input,
@@ -199,19 +212,23 @@ impl Model {
             let att = &mut s.att[..n * c.q_dim()];
             attention(c, &st.kv, l, p0, q, att);
             let o = &mut s.o[..n * d];
-            matmul(&lw.wo, &input_for(exact, &mut s.q8, att, n, &[&lw.wo]), o);
+            matmul(
+                &lw.wo,
+                &input_for(exact, obs, &mut s.q8, att, n, &[&lw.wo]),
+                o,
+            );
             add_assign(&mut s.x[..n * d], o);
 
             // Feed-forward block.
             let xn = &mut s.xn[..n * d];
             ops::rms_norm(&s.x[..n * d], &lw.ffn_norm, c.rms_eps, xn);
             let (gate, up) = (&mut s.gate[..n * c.n_ff], &mut s.up[..n * c.n_ff]);
-            let input = input_for(exact, &mut s.q8, xn, n, &[&lw.gate, &lw.up]);
+            let input = input_for(exact, obs, &mut s.q8, xn, n, &[&lw.gate, &lw.up]);
             matmul_many(&mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)], &input);
             ops::swiglu(gate, up);
             matmul(
                 &lw.down,
-                &input_for(exact, &mut s.q8, gate, n, &[&lw.down]),
+                &input_for(exact, obs, &mut s.q8, gate, n, &[&lw.down]),
                 o,
             );
             add_assign(&mut s.x[..n * d], o);
@@ -226,7 +243,7 @@ impl Model {
             let out = &mut st.logits[out_off..out_off + m * c.n_vocab];
             matmul(
                 &w.output,
-                &input_for(exact, &mut s.q8, xn, m, &[&w.output]),
+                &input_for(exact, obs, &mut s.q8, xn, m, &[&w.output]),
                 out,
             );
         }
@@ -238,11 +255,17 @@ impl Model {
 /// `ws` computes on them (unless the model runs with exact activations).
 fn input_for<'a>(
     exact: bool,
+    obs: Option<&dyn Observer>,
     q8: &'a mut Q8Acts,
     x: &'a [f32],
     n: usize,
     ws: &[&QMatrix],
 ) -> Input<'a> {
+    if let Some(o) = obs {
+        for w in ws {
+            o.observe(w, x, n);
+        }
+    }
     let quantize = !exact && ws.iter().any(|w| w.wants_q8());
     if quantize {
         q8.quantize(x, n, x.len() / n);
