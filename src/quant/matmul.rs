@@ -112,7 +112,9 @@ impl QMatrix {
 
     /// Whether this matrix is computed on 8-bit activations (then [`Input::q8`] must be filled).
     pub fn wants_q8(&self) -> bool {
-        kernels::has_q8_kernel(self.ty) && self.cols.is_multiple_of(32)
+        // pq rows of any length pad their last chunk with zero codes, as the activations pad theirs.
+        kernels::has_q8_kernel(self.ty)
+            && (matches!(self.ty, GgmlType::Pq(_)) || self.cols.is_multiple_of(32))
     }
 }
 

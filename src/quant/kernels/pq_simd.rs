@@ -1,0 +1,231 @@
+//! SIMD kernels for the pq formats (and the ggml types identical to one), shared by the AVX2 and
+//! AVX-512 paths: each equals [`super::scalar::dot_pq`] up to float summation order.
+//!
+//! Each chunk of 32 codes is unpacked once into 32 bytes and multiplied with the 8-bit activations
+//! of up to four tokens. Bit planes unpack without tables: a 4-bit plane splits nibbles, a 2-bit
+//! plane broadcasts its 8 bytes to four 64-bit lanes shifted by 0, 2, 4 and 6, a 1-bit plane spreads
+//! each byte over 8 lanes and tests one bit per lane (AVX-512 loads it as a mask register instead).
+//!
+//! The integer product needs one unsigned operand (`vpmaddubsw`/`vpdpbusd` take u8 × i8):
+//! - asymmetric codes `c` are that operand; the `m·xd·Σq` term is added per group in f32;
+//! - symmetric codes are made signed (`c − 2^(k−1)`, or ±1 for 1 bit) and their sign moved onto
+//!   the activations (`vpsignb`), so the sum is the exact integer the format defines, with no
+//!   offset term to cancel in floating point;
+//! - 8-bit asymmetric codes reach 255, where `vpmaddubsw`'s i16 pair sums saturate: without VNNI
+//!   they are multiplied as `c − 128` (signed, as above) and `128·Σq` is added back exactly in i32;
+//!   `vpdpbusd` does not saturate, so VNNI multiplies them as they are.
+//!
+//! Groups of 64 or 128 weights share their scale: chunk products are accumulated per group (scaled
+//! by each chunk's activation scale) and multiplied by the weight scale once per group.
+
+use std::arch::x86_64::*;
+
+/// A 2-bit plane (8 bytes; byte `j` holds code `j + 8i` in bits `2i..2i+2`) to 32 bytes of 0..=3.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn plane2(p: *const u8) -> __m256i {
+    let v = _mm256_set1_epi64x((p as *const i64).read_unaligned());
+    // Lane i (bytes 8i..8i+8) shifted right by 2i: the low two bits of each byte are code j + 8i.
+    let s = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6));
+    _mm256_and_si256(s, _mm256_set1_epi8(3))
+}
+
+/// A 1-bit plane (4 bytes; bit `j mod 8` of byte `j / 8` is code `j`'s) to 32 bytes of 0xFF (set) or
+/// 0 (clear).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn plane1_mask(p: *const u8) -> __m256i {
+    let v = _mm256_set1_epi32((p as *const i32).read_unaligned());
+    // Byte i takes source byte i / 8 (each 128-bit lane holds all four), then tests bit i mod 8.
+    let idx = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let b = _mm256_and_si256(_mm256_shuffle_epi8(v, idx), bit);
+    _mm256_cmpeq_epi8(b, bit)
+}
+
+/// The pq kernel bodies. The invoking module must have in scope, with its target features:
+/// `f16_at`, `hsum`, `load_x`, `unpack_nibbles`, `plane2`; `madd_u8_i8(u, s) -> __m256i`
+/// (Σ u8 × i8 over 32 bytes into 8 i32 lanes, 4 bytes per lane); `plane1(p, v)` (a 1-bit plane as
+/// bytes `v` where set, else 0); `signs1(p)` (−1 where set, +1 where clear); and
+/// `const U8_NO_SATURATION: bool` (whether `madd_u8_i8` is exact for u8 operands up to 255).
+macro_rules! pq_kernels {
+    ($features:literal) => {
+        /// `out[t * ldo + r] = W[r] · xs[t]` for every row `r` of `w` (rows of `row_bytes` bytes of
+        /// format `p`) and every token `t` of `xs`.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; `w`'s rows and `xs` must agree in length
+        /// (`row_bytes == p.row_bytes(32 * x.d.len())`); `out` must be valid for writes at every
+        /// `t * ldo + r`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn gemm_tile_pq(
+            p: Pq,
+            w: &[u8],
+            row_bytes: usize,
+            xs: &[Q8Row],
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let pg = p.group as usize / CHUNK;
+            macro_rules! go {
+                ($bits:literal, $sym:literal) => {
+                    pq_tile::<$bits, $sym>(pg, w, row_bytes, xs, out, ldo)
+                };
+            }
+            match (p.bits, p.sym) {
+                (1, false) => go!(1, false),
+                (1, true) => go!(1, true),
+                (2, false) => go!(2, false),
+                (2, true) => go!(2, true),
+                (3, false) => go!(3, false),
+                (3, true) => go!(3, true),
+                (4, false) => go!(4, false),
+                (4, true) => go!(4, true),
+                (5, false) => go!(5, false),
+                (5, true) => go!(5, true),
+                (6, false) => go!(6, false),
+                (6, true) => go!(6, true),
+                (8, false) => go!(8, false),
+                (8, true) => go!(8, true),
+                _ => unreachable!("{p} is not a pq format"),
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_tile<const BITS: u32, const SYM: bool>(
+            per_group: usize,
+            w: &[u8],
+            row_bytes: usize,
+            xs: &[Q8Row],
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let mut res = [0.0f32; 4];
+            for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+                let mut t0 = 0;
+                while t0 < xs.len() {
+                    let k = (xs.len() - t0).min(4);
+                    let x = xs.get_unchecked(t0..t0 + k);
+                    match k {
+                        1 => pq_row::<BITS, SYM, 1>(per_group, wr, x, &mut res),
+                        2 => pq_row::<BITS, SYM, 2>(per_group, wr, x, &mut res),
+                        3 => pq_row::<BITS, SYM, 3>(per_group, wr, x, &mut res),
+                        _ => pq_row::<BITS, SYM, 4>(per_group, wr, x, &mut res),
+                    }
+                    for (i, &v) in res[..k].iter().enumerate() {
+                        *out.add((t0 + i) * ldo + r) = v;
+                    }
+                    t0 += k;
+                }
+            }
+        }
+
+        /// One chunk's codes as the operand `madd_u8_i8` multiplies: unsigned codes, or (when
+        /// `pq_signed` says so) signed values whose sign goes onto the activations.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_codes<const BITS: u32, const SYM: bool>(p: *const u8) -> __m256i {
+            let c = match BITS {
+                1 if SYM => return signs1(p),
+                1 => plane1(p, 1),
+                2 => plane2(p),
+                3 => _mm256_or_si256(plane1(p, 4), plane2(p.add(4))),
+                4 => unpack_nibbles(p),
+                5 => _mm256_or_si256(plane1(p, 16), unpack_nibbles(p.add(4))),
+                6 => _mm256_or_si256(_mm256_slli_epi16(plane2(p), 4), unpack_nibbles(p.add(8))),
+                _ => {
+                    let b = _mm256_loadu_si256(p as *const __m256i);
+                    // Stored: c as u8 (asymmetric), c − 128 as i8 (symmetric).
+                    return if SYM || U8_NO_SATURATION {
+                        b
+                    } else {
+                        _mm256_xor_si256(b, _mm256_set1_epi8(-128))
+                    };
+                }
+            };
+            if SYM {
+                _mm256_sub_epi8(c, _mm256_set1_epi8(1 << (BITS - 1)))
+            } else {
+                c
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_row<const BITS: u32, const SYM: bool, const N: usize>(
+            per_group: usize,
+            w: &[u8],
+            xs: &[Q8Row],
+            out: &mut [f32],
+        ) {
+            // Whether `pq_codes` gives signed values (multiplied by sign trick), and whether those
+            // are 8-bit asymmetric codes less 128 (then 128·Σq is added back).
+            let signed = SYM || (BITS == 8 && !U8_NO_SATURATION);
+            let minus128 = BITS == 8 && !SYM && !U8_NO_SATURATION;
+            // 1-bit symmetric signs are −(2c − 1); the scale takes the sign back.
+            let flip = BITS == 1 && SYM;
+            let hb = if SYM { 2 } else { 4 };
+            let cb = 4 * BITS as usize;
+            let nb = xs.get_unchecked(0).d.len();
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut offs = [0.0f32; N];
+            let mut p = w.as_ptr();
+            let mut c0 = 0;
+            while c0 < nb {
+                let n_chunks = (nb - c0).min(per_group);
+                let d = f16_at(p);
+                let m = if SYM { 0.0 } else { f16_at(p.add(2)) };
+                p = p.add(hb);
+                let mut accg = [_mm256_setzero_ps(); N];
+                let mut xsum = [0.0f32; N];
+                for c in c0..c0 + n_chunks {
+                    let wv = pq_codes::<BITS, SYM>(p);
+                    p = p.add(cb);
+                    let aw = if flip {
+                        _mm256_set1_epi8(1)
+                    } else if signed {
+                        _mm256_sign_epi8(wv, wv)
+                    } else {
+                        wv
+                    };
+                    for t in 0..N {
+                        let x = xs.get_unchecked(t);
+                        let xq = load_x(x, c);
+                        let mut pi = if signed {
+                            madd_u8_i8(aw, _mm256_sign_epi8(xq, wv))
+                        } else {
+                            madd_u8_i8(aw, xq)
+                        };
+                        if minus128 {
+                            // 128·Σq spread over the 8 lanes, exactly.
+                            let k = *x.isum.get_unchecked(c) << 4;
+                            pi = _mm256_add_epi32(pi, _mm256_set1_epi32(k));
+                        }
+                        let xd = *x.d.get_unchecked(c);
+                        accg[t] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_set1_ps(xd), accg[t]);
+                        if !SYM {
+                            xsum[t] += xd * *x.isum.get_unchecked(c) as f32;
+                        }
+                    }
+                }
+                let dv = _mm256_set1_ps(if flip { -d } else { d });
+                for t in 0..N {
+                    acc[t] = _mm256_fmadd_ps(accg[t], dv, acc[t]);
+                    if !SYM {
+                        offs[t] += m * xsum[t];
+                    }
+                }
+                c0 += n_chunks;
+            }
+            for t in 0..N {
+                out[t] = hsum(acc[t]) + offs[t];
+            }
+        }
+    };
+}
+pub(crate) use pq_kernels;
