@@ -70,6 +70,7 @@ macro_rules! pq_kernels {
             ldo: usize,
         ) {
             let pg = p.group as usize / CHUNK;
+            debug_assert!(matches!(pg, 1 | 2 | 4));
             macro_rules! go {
                 ($bits:literal, $sym:literal) => {
                     pq_tile::<$bits, $sym>(pg, w, row_bytes, xs, out, ldo)
@@ -104,6 +105,22 @@ macro_rules! pq_kernels {
             out: *mut f32,
             ldo: usize,
         ) {
+            match per_group {
+                1 => pq_tile_g::<BITS, SYM, 1>(w, row_bytes, xs, out, ldo),
+                2 => pq_tile_g::<BITS, SYM, 2>(w, row_bytes, xs, out, ldo),
+                _ => pq_tile_g::<BITS, SYM, 4>(w, row_bytes, xs, out, ldo),
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_tile_g<const BITS: u32, const SYM: bool, const G: usize>(
+            w: &[u8],
+            row_bytes: usize,
+            xs: &[Q8Row],
+            out: *mut f32,
+            ldo: usize,
+        ) {
             let mut res = [0.0f32; 4];
             for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
                 let mut t0 = 0;
@@ -111,10 +128,10 @@ macro_rules! pq_kernels {
                     let k = (xs.len() - t0).min(4);
                     let x = xs.get_unchecked(t0..t0 + k);
                     match k {
-                        1 => pq_row::<BITS, SYM, 1>(per_group, wr, x, &mut res),
-                        2 => pq_row::<BITS, SYM, 2>(per_group, wr, x, &mut res),
-                        3 => pq_row::<BITS, SYM, 3>(per_group, wr, x, &mut res),
-                        _ => pq_row::<BITS, SYM, 4>(per_group, wr, x, &mut res),
+                        1 => pq_row::<BITS, SYM, G, 1>(wr, x, &mut res),
+                        2 => pq_row::<BITS, SYM, G, 2>(wr, x, &mut res),
+                        3 => pq_row::<BITS, SYM, G, 3>(wr, x, &mut res),
+                        _ => pq_row::<BITS, SYM, G, 4>(wr, x, &mut res),
                     }
                     for (i, &v) in res[..k].iter().enumerate() {
                         *out.add((t0 + i) * ldo + r) = v;
@@ -154,14 +171,53 @@ macro_rules! pq_kernels {
             }
         }
 
+        /// One row times `N` tokens. Groups alternate between two accumulators so that
+        /// consecutive groups' additions do not wait on each other.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn pq_row<const BITS: u32, const SYM: bool, const N: usize>(
-            per_group: usize,
+        unsafe fn pq_row<const BITS: u32, const SYM: bool, const G: usize, const N: usize>(
             w: &[u8],
             xs: &[Q8Row],
             out: &mut [f32],
         ) {
+            let nb = xs.get_unchecked(0).d.len();
+            let (full, tail) = (nb / G, nb % G);
+            let mut acc0 = [_mm256_setzero_ps(); N];
+            let mut acc1 = [_mm256_setzero_ps(); N];
+            let mut offs0 = [0.0f32; N];
+            let mut offs1 = [0.0f32; N];
+            let mut p = w.as_ptr();
+            let mut c = 0;
+            while c + 2 * G <= full * G {
+                p = pq_group::<BITS, SYM, G, N>(p, G, c, xs, &mut acc0, &mut offs0);
+                p = pq_group::<BITS, SYM, G, N>(p, G, c + G, xs, &mut acc1, &mut offs1);
+                c += 2 * G;
+            }
+            if c < full * G {
+                p = pq_group::<BITS, SYM, G, N>(p, G, c, xs, &mut acc0, &mut offs0);
+                c += G;
+            }
+            if tail > 0 {
+                pq_group::<BITS, SYM, G, N>(p, tail, c, xs, &mut acc1, &mut offs1);
+            }
+            for t in 0..N {
+                out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (offs0[t] + offs1[t]);
+            }
+        }
+
+        /// One group of `n` chunks (`n == G` but for a row's tail group) starting at chunk `c0`
+        /// of the activations and at `p` in the row: adds its products to `acc` (vector) and
+        /// `offs` (the asymmetric minimum's term); returns the next group's start.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_group<const BITS: u32, const SYM: bool, const G: usize, const N: usize>(
+            p: *const u8,
+            n: usize,
+            c0: usize,
+            xs: &[Q8Row],
+            acc: &mut [__m256; N],
+            offs: &mut [f32; N],
+        ) -> *const u8 {
             // Whether `pq_codes` gives signed values (multiplied by sign trick), and whether those
             // are 8-bit asymmetric codes less 128 (then 128·Σq is added back).
             let signed = SYM || (BITS == 8 && !U8_NO_SATURATION);
@@ -170,61 +226,68 @@ macro_rules! pq_kernels {
             let flip = BITS == 1 && SYM;
             let hb = if SYM { 2 } else { 4 };
             let cb = 4 * BITS as usize;
-            let nb = xs.get_unchecked(0).d.len();
-            let mut acc = [_mm256_setzero_ps(); N];
-            let mut offs = [0.0f32; N];
-            let mut p = w.as_ptr();
-            let mut c0 = 0;
-            while c0 < nb {
-                let n_chunks = (nb - c0).min(per_group);
-                let d = f16_at(p);
-                let m = if SYM { 0.0 } else { f16_at(p.add(2)) };
-                p = p.add(hb);
-                let mut accg = [_mm256_setzero_ps(); N];
-                let mut xsum = [0.0f32; N];
-                for c in c0..c0 + n_chunks {
-                    let wv = pq_codes::<BITS, SYM>(p);
-                    p = p.add(cb);
-                    let aw = if flip {
-                        _mm256_set1_epi8(1)
-                    } else if signed {
-                        _mm256_sign_epi8(wv, wv)
-                    } else {
-                        wv
-                    };
-                    for t in 0..N {
-                        let x = xs.get_unchecked(t);
-                        let xq = load_x(x, c);
-                        let mut pi = if signed {
-                            madd_u8_i8(aw, _mm256_sign_epi8(xq, wv))
-                        } else {
-                            madd_u8_i8(aw, xq)
-                        };
-                        if minus128 {
-                            // 128·Σq spread over the 8 lanes, exactly.
-                            let k = *x.isum.get_unchecked(c) << 4;
-                            pi = _mm256_add_epi32(pi, _mm256_set1_epi32(k));
-                        }
-                        let xd = *x.d.get_unchecked(c);
-                        accg[t] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_set1_ps(xd), accg[t]);
-                        if !SYM {
-                            xsum[t] += xd * *x.isum.get_unchecked(c) as f32;
-                        }
-                    }
-                }
-                let dv = _mm256_set1_ps(if flip { -d } else { d });
+            // Scale (and minimum) in one conversion.
+            let h = if SYM {
+                (p as *const u16).read_unaligned() as i32
+            } else {
+                (p as *const i32).read_unaligned()
+            };
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+            let mut q = p.add(hb);
+            // Two partial sums within the group, so that its chunks do not form one chain.
+            let mut part = [[_mm256_setzero_ps(); N]; 2];
+            let mut xsum = [[0.0f32; N]; 2];
+            for k in 0..if n == G { G } else { n } {
+                let c = c0 + k;
+                let wv = pq_codes::<BITS, SYM>(q);
+                q = q.add(cb);
+                let aw = if flip {
+                    _mm256_set1_epi8(1)
+                } else if signed {
+                    _mm256_sign_epi8(wv, wv)
+                } else {
+                    wv
+                };
                 for t in 0..N {
-                    acc[t] = _mm256_fmadd_ps(accg[t], dv, acc[t]);
+                    let x = xs.get_unchecked(t);
+                    let xq = load_x(x, c);
+                    let mut pi = if signed {
+                        madd_u8_i8(aw, _mm256_sign_epi8(xq, wv))
+                    } else {
+                        madd_u8_i8(aw, xq)
+                    };
+                    if minus128 {
+                        // 128·Σq spread over the 8 lanes, exactly.
+                        let k = *x.isum.get_unchecked(c) << 4;
+                        pi = _mm256_add_epi32(pi, _mm256_set1_epi32(k));
+                    }
+                    let xd = *x.d.get_unchecked(c);
+                    let pf = _mm256_cvtepi32_ps(pi);
+                    part[k & 1][t] = _mm256_fmadd_ps(pf, _mm256_set1_ps(xd), part[k & 1][t]);
                     if !SYM {
-                        offs[t] += m * xsum[t];
+                        xsum[k & 1][t] += xd * *x.isum.get_unchecked(c) as f32;
                     }
                 }
-                c0 += n_chunks;
             }
+            let d = _mm256_broadcastss_ps(dm);
+            let d = if flip {
+                _mm256_sub_ps(_mm256_setzero_ps(), d)
+            } else {
+                d
+            };
+            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
             for t in 0..N {
-                out[t] = hsum(acc[t]) + offs[t];
+                let g = if G > 1 {
+                    _mm256_add_ps(part[0][t], part[1][t])
+                } else {
+                    part[0][t]
+                };
+                acc[t] = _mm256_fmadd_ps(g, d, acc[t]);
+                if !SYM {
+                    offs[t] += m * (xsum[0][t] + xsum[1][t]);
+                }
             }
+            q
         }
     };
 }
