@@ -6,9 +6,9 @@
 
 use std::arch::x86_64::*;
 
-use super::pq_simd::{plane1_mask, plane2};
+use super::pq_simd::{group_sums, plane1_mask, plane2, plane4};
 use crate::quant::activation::Q8Row;
-use crate::quant::pq::{Pq, CHUNK};
+use crate::quant::pq::Pq;
 use crate::quant::GgmlType;
 
 #[inline]

@@ -5,9 +5,9 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{f16_at, hsum, load_x, unpack_nibbles};
-use super::pq_simd::plane2;
+use super::pq_simd::{group_sums, plane2, plane4};
 use crate::quant::activation::Q8Row;
-use crate::quant::pq::{Pq, CHUNK};
+use crate::quant::pq::Pq;
 use crate::quant::GgmlType;
 
 /// Σ u8 × i8 over 32 bytes as 8 i32 lanes, converted to f32.

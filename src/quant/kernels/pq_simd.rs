@@ -16,9 +16,25 @@
 //!   `vpdpbusd` does not saturate, so VNNI multiplies them as they are.
 //!
 //! Groups of 64 or 128 weights share their scale: chunk products are accumulated per group (scaled
-//! by each chunk's activation scale) and multiplied by the weight scale once per group.
+//! by each chunk's activation scale) and multiplied by the weight scale once per group. The
+//! asymmetric minimum's term `m·Σ xd·Σq` needs the activations' scaled sums per group, which are
+//! computed once per tile for all its rows ([`group_sums`]).
 
 use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use crate::quant::activation::Q8Row;
+
+/// A 4-bit plane (16 bytes; byte `j` holds code `j` low, code `j + 16` high) to 32 bytes of codes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn plane4(p: *const u8) -> __m256i {
+    // Both halves from one broadcast load; the upper half shifted right by 4 (64-bit lanes, so
+    // bits cross bytes, but the mask keeps each byte's own nibble).
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    let s = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4));
+    _mm256_and_si256(s, _mm256_set1_epi8(0x0F))
+}
 
 /// A 2-bit plane (8 bytes; byte `j` holds code `j + 8i` in bits `2i..2i+2`) to 32 bytes of 0..=3.
 #[inline]
@@ -46,11 +62,31 @@ pub(crate) unsafe fn plane1_mask(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(b, bit)
 }
 
+thread_local! {
+    static GROUP_SUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with `Σ xd·Σq` over each group of `per_group` chunks of each token's activations:
+/// `sums[t * groups + g]` with `groups = nb.div_ceil(per_group)` (the last group may be shorter).
+/// A per-thread buffer, so that a tile allocates nothing.
+pub(crate) fn group_sums<R>(xs: &[Q8Row], per_group: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    GROUP_SUMS.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        for x in xs {
+            for (d, isum) in x.d.chunks(per_group).zip(x.isum.chunks(per_group)) {
+                buf.push(d.iter().zip(isum).map(|(&d, &i)| d * i as f32).sum());
+            }
+        }
+        f(&buf)
+    })
+}
+
 /// The pq kernel bodies. The invoking module must have in scope, with its target features:
-/// `f16_at`, `hsum`, `load_x`, `unpack_nibbles`, `plane2`; `madd_u8_i8(u, s) -> __m256i`
-/// (Σ u8 × i8 over 32 bytes into 8 i32 lanes, 4 bytes per lane); `plane1(p, v)` (a 1-bit plane as
-/// bytes `v` where set, else 0); `signs1(p)` (−1 where set, +1 where clear); and
-/// `const U8_NO_SATURATION: bool` (whether `madd_u8_i8` is exact for u8 operands up to 255).
+/// `hsum`, `load_x`, `plane4`, `plane2`, `group_sums`; `madd_u8_i8(u, s) -> __m256i` (Σ u8 × i8
+/// over 32 bytes into 8 i32 lanes, 4 bytes per lane); `plane1(p, v)` (a 1-bit plane as bytes `v`
+/// where set, else 0); `signs1(p)` (−1 where set, +1 where clear); and `const U8_NO_SATURATION:
+/// bool` (whether `madd_u8_i8` is exact for u8 operands up to 255).
 macro_rules! pq_kernels {
     ($features:literal) => {
         /// `out[t * ldo + r] = W[r] · xs[t]` for every row `r` of `w` (rows of `row_bytes` bytes of
@@ -69,11 +105,13 @@ macro_rules! pq_kernels {
             out: *mut f32,
             ldo: usize,
         ) {
-            let pg = p.group as usize / CHUNK;
-            debug_assert!(matches!(pg, 1 | 2 | 4));
             macro_rules! go {
                 ($bits:literal, $sym:literal) => {
-                    pq_tile::<$bits, $sym>(pg, w, row_bytes, xs, out, ldo)
+                    match p.group {
+                        32 => pq_tile::<$bits, $sym, 1>(w, row_bytes, xs, out, ldo),
+                        64 => pq_tile::<$bits, $sym, 2>(w, row_bytes, xs, out, ldo),
+                        _ => pq_tile::<$bits, $sym, 4>(w, row_bytes, xs, out, ldo),
+                    }
                 };
             }
             match (p.bits, p.sym) {
@@ -95,54 +133,44 @@ macro_rules! pq_kernels {
             }
         }
 
+        /// Every row of the tile, four tokens at a time; `G` chunks per group.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn pq_tile<const BITS: u32, const SYM: bool>(
-            per_group: usize,
+        unsafe fn pq_tile<const BITS: u32, const SYM: bool, const G: usize>(
             w: &[u8],
             row_bytes: usize,
             xs: &[Q8Row],
             out: *mut f32,
             ldo: usize,
         ) {
-            match per_group {
-                1 => pq_tile_g::<BITS, SYM, 1>(w, row_bytes, xs, out, ldo),
-                2 => pq_tile_g::<BITS, SYM, 2>(w, row_bytes, xs, out, ldo),
-                _ => pq_tile_g::<BITS, SYM, 4>(w, row_bytes, xs, out, ldo),
-            }
-        }
-
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn pq_tile_g<const BITS: u32, const SYM: bool, const G: usize>(
-            w: &[u8],
-            row_bytes: usize,
-            xs: &[Q8Row],
-            out: *mut f32,
-            ldo: usize,
-        ) {
-            let mut res = [0.0f32; 4];
-            for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
-                let mut t0 = 0;
-                while t0 < xs.len() {
-                    let k = (xs.len() - t0).min(4);
-                    let x = xs.get_unchecked(t0..t0 + k);
-                    match k {
-                        1 => pq_row::<BITS, SYM, G, 1>(wr, x, &mut res),
-                        2 => pq_row::<BITS, SYM, G, 2>(wr, x, &mut res),
-                        3 => pq_row::<BITS, SYM, G, 3>(wr, x, &mut res),
-                        _ => pq_row::<BITS, SYM, G, 4>(wr, x, &mut res),
+            let groups = xs.get_unchecked(0).d.len().div_ceil(G);
+            // Symmetric formats have no minimum, so no use for the sums.
+            let xs_for_sums = if SYM { &xs[..0] } else { xs };
+            group_sums(xs_for_sums, G, |sums| {
+                let mut res = [0.0f32; 4];
+                for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+                    let mut t0 = 0;
+                    while t0 < xs.len() {
+                        let k = (xs.len() - t0).min(4);
+                        let x = xs.get_unchecked(t0..t0 + k);
+                        let s = sums.as_ptr().add(if SYM { 0 } else { t0 * groups });
+                        match k {
+                            1 => pq_row::<BITS, SYM, G, 1>(wr, x, s, groups, &mut res),
+                            2 => pq_row::<BITS, SYM, G, 2>(wr, x, s, groups, &mut res),
+                            3 => pq_row::<BITS, SYM, G, 3>(wr, x, s, groups, &mut res),
+                            _ => pq_row::<BITS, SYM, G, 4>(wr, x, s, groups, &mut res),
+                        }
+                        for (i, &v) in res[..k].iter().enumerate() {
+                            *out.add((t0 + i) * ldo + r) = v;
+                        }
+                        t0 += k;
                     }
-                    for (i, &v) in res[..k].iter().enumerate() {
-                        *out.add((t0 + i) * ldo + r) = v;
-                    }
-                    t0 += k;
                 }
-            }
+            })
         }
 
-        /// One chunk's codes as the operand `madd_u8_i8` multiplies: unsigned codes, or (when
-        /// `pq_signed` says so) signed values whose sign goes onto the activations.
+        /// One chunk's codes as the operand `madd_u8_i8` multiplies: unsigned codes, or (see
+        /// `pq_group`) signed values whose sign goes onto the activations.
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn pq_codes<const BITS: u32, const SYM: bool>(p: *const u8) -> __m256i {
@@ -151,9 +179,9 @@ macro_rules! pq_kernels {
                 1 => plane1(p, 1),
                 2 => plane2(p),
                 3 => _mm256_or_si256(plane1(p, 4), plane2(p.add(4))),
-                4 => unpack_nibbles(p),
-                5 => _mm256_or_si256(plane1(p, 16), unpack_nibbles(p.add(4))),
-                6 => _mm256_or_si256(_mm256_slli_epi16(plane2(p), 4), unpack_nibbles(p.add(8))),
+                4 => plane4(p),
+                5 => _mm256_or_si256(plane1(p, 16), plane4(p.add(4))),
+                6 => _mm256_or_si256(_mm256_slli_epi16(plane2(p), 4), plane4(p.add(8))),
                 _ => {
                     let b = _mm256_loadu_si256(p as *const __m256i);
                     // Stored: c as u8 (asymmetric), c − 128 as i8 (symmetric).
@@ -171,52 +199,77 @@ macro_rules! pq_kernels {
             }
         }
 
-        /// One row times `N` tokens. Groups alternate between two accumulators so that
-        /// consecutive groups' additions do not wait on each other.
+        /// One row times `N` tokens; `sums` holds the tokens' group sums (`groups` per token).
+        /// Groups alternate between two accumulators so that consecutive groups' additions do not
+        /// wait on each other.
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn pq_row<const BITS: u32, const SYM: bool, const G: usize, const N: usize>(
             w: &[u8],
             xs: &[Q8Row],
+            sums: *const f32,
+            groups: usize,
             out: &mut [f32],
         ) {
             let nb = xs.get_unchecked(0).d.len();
-            let (full, tail) = (nb / G, nb % G);
+            let full = nb / G;
             let mut acc0 = [_mm256_setzero_ps(); N];
             let mut acc1 = [_mm256_setzero_ps(); N];
-            let mut offs0 = [0.0f32; N];
-            let mut offs1 = [0.0f32; N];
+            let mut offs0 = [_mm_setzero_ps(); N];
+            let mut offs1 = [_mm_setzero_ps(); N];
             let mut p = w.as_ptr();
-            let mut c = 0;
-            while c + 2 * G <= full * G {
-                p = pq_group::<BITS, SYM, G, N>(p, G, c, xs, &mut acc0, &mut offs0);
-                p = pq_group::<BITS, SYM, G, N>(p, G, c + G, xs, &mut acc1, &mut offs1);
-                c += 2 * G;
+            let mut g = 0;
+            while g + 2 <= full {
+                p = pq_group::<BITS, SYM, G, N>(p, G, g, xs, sums, groups, &mut acc0, &mut offs0);
+                p = pq_group::<BITS, SYM, G, N>(
+                    p,
+                    G,
+                    g + 1,
+                    xs,
+                    sums,
+                    groups,
+                    &mut acc1,
+                    &mut offs1,
+                );
+                g += 2;
             }
-            if c < full * G {
-                p = pq_group::<BITS, SYM, G, N>(p, G, c, xs, &mut acc0, &mut offs0);
-                c += G;
+            if g < full {
+                p = pq_group::<BITS, SYM, G, N>(p, G, g, xs, sums, groups, &mut acc0, &mut offs0);
             }
-            if tail > 0 {
-                pq_group::<BITS, SYM, G, N>(p, tail, c, xs, &mut acc1, &mut offs1);
+            if !nb.is_multiple_of(G) {
+                pq_group::<BITS, SYM, G, N>(
+                    p,
+                    nb % G,
+                    full,
+                    xs,
+                    sums,
+                    groups,
+                    &mut acc1,
+                    &mut offs1,
+                );
             }
             for t in 0..N {
-                out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (offs0[t] + offs1[t]);
+                // `offs` holds the minimum's term in lane 1 and zeros elsewhere (see `pq_group`).
+                let o = _mm256_zextps128_ps256(_mm_add_ps(offs0[t], offs1[t]));
+                out[t] = hsum(_mm256_add_ps(_mm256_add_ps(acc0[t], acc1[t]), o));
             }
         }
 
-        /// One group of `n` chunks (`n == G` but for a row's tail group) starting at chunk `c0`
-        /// of the activations and at `p` in the row: adds its products to `acc` (vector) and
-        /// `offs` (the asymmetric minimum's term); returns the next group's start.
+        /// Group `g`, of `n` chunks (`G`, or fewer for a row's tail group), at `p` in the row: adds
+        /// its products to `acc` and its minimum's term to lane 1 of `offs`; returns the next
+        /// group's start.
         #[inline]
         #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn pq_group<const BITS: u32, const SYM: bool, const G: usize, const N: usize>(
             p: *const u8,
             n: usize,
-            c0: usize,
+            g: usize,
             xs: &[Q8Row],
+            sums: *const f32,
+            groups: usize,
             acc: &mut [__m256; N],
-            offs: &mut [f32; N],
+            offs: &mut [__m128; N],
         ) -> *const u8 {
             // Whether `pq_codes` gives signed values (multiplied by sign trick), and whether those
             // are 8-bit asymmetric codes less 128 (then 128·Σq is added back).
@@ -226,19 +279,12 @@ macro_rules! pq_kernels {
             let flip = BITS == 1 && SYM;
             let hb = if SYM { 2 } else { 4 };
             let cb = 4 * BITS as usize;
-            // Scale (and minimum) in one conversion.
-            let h = if SYM {
-                (p as *const u16).read_unaligned() as i32
-            } else {
-                (p as *const i32).read_unaligned()
-            };
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
             let mut q = p.add(hb);
             // Two partial sums within the group, so that its chunks do not form one chain.
             let mut part = [[_mm256_setzero_ps(); N]; 2];
-            let mut xsum = [[0.0f32; N]; 2];
-            for k in 0..if n == G { G } else { n } {
-                let c = c0 + k;
+            let count = if n == G { G } else { n };
+            for k in 0..count {
+                let c = g * G + k;
                 let wv = pq_codes::<BITS, SYM>(q);
                 q = q.add(cb);
                 let aw = if flip {
@@ -261,30 +307,39 @@ macro_rules! pq_kernels {
                         let k = *x.isum.get_unchecked(c) << 4;
                         pi = _mm256_add_epi32(pi, _mm256_set1_epi32(k));
                     }
-                    let xd = *x.d.get_unchecked(c);
+                    let xd = _mm256_set1_ps(*x.d.get_unchecked(c));
                     let pf = _mm256_cvtepi32_ps(pi);
-                    part[k & 1][t] = _mm256_fmadd_ps(pf, _mm256_set1_ps(xd), part[k & 1][t]);
-                    if !SYM {
-                        xsum[k & 1][t] += xd * *x.isum.get_unchecked(c) as f32;
-                    }
+                    part[k & 1][t] = if k < 2 {
+                        _mm256_mul_ps(pf, xd)
+                    } else {
+                        _mm256_fmadd_ps(pf, xd, part[k & 1][t])
+                    };
                 }
             }
-            let d = _mm256_broadcastss_ps(dm);
+            let d = _mm256_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()));
             let d = if flip {
                 _mm256_sub_ps(_mm256_setzero_ps(), d)
             } else {
                 d
             };
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+            // [0, m, 0, 0] (the header's d bits cleared): lane 1 of `offs` accumulates m times the
+            // group sum, the other lanes stay zero.
+            let dm = if SYM {
+                _mm_setzero_ps()
+            } else {
+                let h = (p as *const u32).read_unaligned() & 0xFFFF_0000;
+                _mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))
+            };
             for t in 0..N {
-                let g = if G > 1 {
+                let s = if G > 1 && count > 1 {
                     _mm256_add_ps(part[0][t], part[1][t])
                 } else {
                     part[0][t]
                 };
-                acc[t] = _mm256_fmadd_ps(g, d, acc[t]);
+                acc[t] = _mm256_fmadd_ps(s, d, acc[t]);
                 if !SYM {
-                    offs[t] += m * (xsum[0][t] + xsum[1][t]);
+                    let gs = _mm_set1_ps(*sums.add(t * groups + g));
+                    offs[t] = _mm_fmadd_ps(dm, gs, offs[t]);
                 }
             }
             q
