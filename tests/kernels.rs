@@ -311,3 +311,55 @@ fn max_codes_do_not_saturate() {
         check(ty, &w, &x, 3, cols);
     }
 }
+
+/// `matmul` on pq matrices of any row length takes the 8-bit path (tiles split across threads) and
+/// agrees with the exact f32 path on dequantized weights up to the activations' quantization.
+#[test]
+fn matmul_pq_any_length() {
+    use pare::quant::matmul::{matmul, Input, QMatrix, WeightBytes};
+    for (ty, cols) in [
+        (GgmlType::Pq(Pq::parse("q3_g64").unwrap()), 100),
+        (GgmlType::Pq(Pq::parse("q4_g128_sym").unwrap()), 576),
+        (GgmlType::Pq(Pq::parse("q8_g32").unwrap()), 40),
+        (GgmlType::Q5_1, 96),
+        (GgmlType::Q1_0, 256),
+    ] {
+        let rows = 37;
+        let w: Vec<u8> = (0..rows)
+            .flat_map(|r| any_row(ty, cols, 11 + r as u64, false))
+            .collect();
+        let m = QMatrix::new("w", ty, rows, cols, WeightBytes::from_vec(w)).unwrap();
+        assert!(m.wants_q8(), "{ty}");
+        for n in [1, 3, 6] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|j| ((j * 53 % 97) as f32 - 48.0) / 9.0)
+                .collect();
+            let mut acts = Q8Acts::default();
+            acts.quantize(&x, n, cols);
+            let mut fast = vec![0.0f32; n * rows];
+            let mut exact = vec![0.0f32; n * rows];
+            let q8 = Input {
+                x: &x,
+                q8: Some(&acts),
+                n,
+            };
+            matmul(&m, &q8, &mut fast);
+            matmul(&m, &Input { x: &x, q8: None, n }, &mut exact);
+            let mut wf = vec![0.0f32; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut wf).unwrap();
+                for t in 0..n {
+                    // Activations quantized to 8 bits: error up to half a step (amax/254) each.
+                    let xs = &x[t * cols..(t + 1) * cols];
+                    let step: f32 = xs.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                    let tol: f32 = wf.iter().map(|v| v.abs() * step).sum::<f32>() + 1e-4;
+                    let (a, b) = (fast[t * rows + r], exact[t * rows + r]);
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{ty} {cols} row {r} token {t}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
