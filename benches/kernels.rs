@@ -17,6 +17,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use pare::quant::activation::Q8Acts;
 use pare::quant::kernels;
 use pare::quant::matmul::{matmul, Input, QMatrix, WeightBytes};
+use pare::quant::quantize::{quantize_row, Options};
 use pare::quant::{GgmlType, Pq};
 
 const THREADS: usize = 2;
@@ -24,7 +25,14 @@ const THREADS: usize = 2;
 const SHAPES: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49152, 576)];
 
 fn formats() -> Vec<GgmlType> {
-    let mut v = vec![GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    let mut v = vec![
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+    ];
     for bits in [1, 2, 3, 4, 5, 6, 8] {
         for group in [32, 64, 128] {
             v.push(GgmlType::Pq(Pq::new(bits, group, false).unwrap()));
@@ -39,7 +47,16 @@ fn formats() -> Vec<GgmlType> {
 /// Pseudo-random weight bytes with finite, normal scales (and minimums) in every group header, so
 /// that no denormal or NaN arithmetic skews the timing.
 fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let p = Pq::of_ggml(ty).expect("benchmarked types have a pq layout");
+    let Some(p) = Pq::of_ggml(ty) else {
+        // Float weights: small values in [-0.5, 0.5).
+        let x: Vec<f32> = (0..cols)
+            .map(|j| (j * 7919 % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut row = vec![0u8; rb];
+        quantize_row(ty, &x, &Options::default(), &mut row).unwrap();
+        return row.repeat(rows);
+    };
     let rb = p.row_bytes(cols);
     let mut s = 0x9E3779B97F4A7C15u64;
     let mut w: Vec<u8> = (0..rows * rb)
@@ -110,15 +127,27 @@ fn kernels_bench(c: &mut Criterion) {
                     b.iter(|| {
                         // SAFETY: `out` has `rows` elements, written once each (token 0, ldo = rows).
                         unsafe {
-                            kernels::gemm_tile(
-                                isa,
-                                ty,
-                                black_box(m.bytes()),
-                                rb,
-                                &xs,
-                                out.as_mut_ptr(),
-                                rows,
-                            )
+                            if kernels::has_float_kernel(ty) {
+                                kernels::gemm_tile_float(
+                                    isa,
+                                    ty,
+                                    black_box(m.bytes()),
+                                    cols,
+                                    &x,
+                                    out.as_mut_ptr(),
+                                    rows,
+                                )
+                            } else {
+                                kernels::gemm_tile(
+                                    isa,
+                                    ty,
+                                    black_box(m.bytes()),
+                                    rb,
+                                    &xs,
+                                    out.as_mut_ptr(),
+                                    rows,
+                                )
+                            }
                         }
                     })
                 });
@@ -126,6 +155,7 @@ fn kernels_bench(c: &mut Criterion) {
             }
 
             if rows == 1536 || rows == 49152 && ty == GgmlType::Q4_0 {
+                // Prompt processing: 64 tokens share each unpacked weight chunk, 4 at a time.
                 let n = 64;
                 let (x, q8) = activations(n, cols);
                 let input = Input {

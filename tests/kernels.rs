@@ -363,3 +363,74 @@ fn matmul_pq_any_length() {
         }
     }
 }
+
+/// Float weights (f32, f16, bf16): every path equals the scalar reference, which equals the f64 dot
+/// of the dequantized row, on odd lengths (SIMD main loop, 8-wide step and scalar tail) and 1 to 5
+/// tokens.
+#[test]
+fn float_kernels_equal_scalar() {
+    use pare::quant::quantize::{quantize_row, Options};
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        assert!(kernels::has_float_kernel(ty));
+        for cols in [1usize, 7, 8, 15, 16, 24, 100, 576] {
+            let rows = 3;
+            let row_bytes = ty.row_bytes(cols).unwrap();
+            let mut w = vec![0u8; rows * row_bytes];
+            let mut next = rng(cols as u64);
+            for r in 0..rows {
+                let wf: Vec<f32> = (0..cols)
+                    .map(|_| ((next() % 20001) as f32 - 10000.0) / 3000.0)
+                    .collect();
+                quantize_row(
+                    ty,
+                    &wf,
+                    &Options::default(),
+                    &mut w[r * row_bytes..(r + 1) * row_bytes],
+                )
+                .unwrap();
+            }
+            for n in 1..=5 {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| ((next() % 20001) as f32 - 10000.0) / 700.0)
+                    .collect();
+                let ldo = rows + 2;
+                let run = |isa: Isa| {
+                    let mut out = vec![f32::NAN; n * ldo];
+                    unsafe {
+                        kernels::gemm_tile_float(isa, ty, &w, cols, &x, out.as_mut_ptr(), ldo)
+                    };
+                    out
+                };
+                let reference = run(Isa::Scalar);
+                for r in 0..rows {
+                    let mut wf = vec![0.0f32; cols];
+                    dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wf).unwrap();
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let exact: f64 =
+                            wf.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mag: f64 = wf
+                            .iter()
+                            .zip(xt)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        let tol = 1e-6 * mag + 1e-9;
+                        let want = reference[t * ldo + r] as f64;
+                        assert!(
+                            (want - exact).abs() <= tol,
+                            "{ty} {cols}: {want} vs {exact}"
+                        );
+                        for isa in Isa::supported() {
+                            let got = run(isa)[t * ldo + r] as f64;
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{ty} {} {cols} r{r} t{t}/{n}: {got} vs {want}",
+                                isa.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

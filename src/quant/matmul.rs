@@ -171,6 +171,20 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
                     w.rows,
                 )
             };
+        } else if kernels::has_float_kernel(w.ty) && w.cols > 0 {
+            let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
+            // SAFETY: as above.
+            unsafe {
+                kernels::gemm_tile_float(
+                    isa,
+                    w.ty,
+                    bytes,
+                    w.cols,
+                    input.x,
+                    out.ptr().add(r0),
+                    w.rows,
+                )
+            };
         } else {
             let mut wrow = vec![0.0f32; w.cols];
             for r in r0..r1 {

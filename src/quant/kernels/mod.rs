@@ -16,6 +16,8 @@ pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]
+pub mod float_avx2;
+#[cfg(target_arch = "x86_64")]
 mod pq_simd;
 pub mod scalar;
 
@@ -126,5 +128,35 @@ pub unsafe fn gemm_tile(
         Isa::Avx2 => avx2::gemm_tile_pq(p, w, row_bytes, xs, out, ldo),
         _ if special => scalar::gemm_tile(ty, w, row_bytes, xs, out, ldo),
         _ => scalar::gemm_tile_pq(p, w, row_bytes, xs, out, ldo),
+    }
+}
+
+/// Float weight types (f32, f16, bf16), computed directly on f32 activations.
+pub fn has_float_kernel(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// `out[t * ldo + r] = W[r] · x[t]` for every row `r` of `w` (consecutive rows of `cols` weights
+/// of a type satisfying [`has_float_kernel`]) and every token `t` of `x` (rows of `cols` floats).
+///
+/// # Safety
+/// As for [`gemm_tile`].
+#[inline]
+pub unsafe fn gemm_tile_float(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    cols: usize,
+    x: &[f32],
+    out: *mut f32,
+    ldo: usize,
+) {
+    assert!(has_float_kernel(ty) && cols > 0);
+    assert!(w.len().is_multiple_of(cols * ty.type_size()) && x.len().is_multiple_of(cols));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only Avx512/Avx2 when `detect` found AVX2, FMA and F16C.
+        Isa::Avx512 | Isa::Avx2 => float_avx2::gemm_tile_float(ty, w, cols, x, out, ldo),
+        _ => scalar::gemm_tile_float(ty, w, cols, x, out, ldo),
     }
 }

@@ -151,3 +151,42 @@ pub fn dot_pq(p: Pq, w: &[u8], x: &Q8Row) -> f32 {
     }
     sum
 }
+
+/// Weight `j` of a row of float weights (`ty` is F32, F16 or BF16).
+#[inline]
+pub(crate) fn float_at(ty: GgmlType, w: &[u8], j: usize) -> f32 {
+    match ty {
+        GgmlType::F32 => f32::from_le_bytes([w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]]),
+        GgmlType::F16 => f16_at(w, 2 * j),
+        _ => half::bf16::from_bits(u16::from_le_bytes([w[2 * j], w[2 * j + 1]])).to_f32(),
+    }
+}
+
+/// One row of float weights times one row of f32 activations, summed in order.
+pub fn dot_float(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+    x.iter()
+        .enumerate()
+        .map(|(j, &v)| float_at(ty, w, j) * v)
+        .sum()
+}
+
+/// `out[t * ldo + r] = W[r] · x[t]` for every row `r` of `w` (rows of `cols` float weights of
+/// type `ty`) and every token `t` of `x` (rows of `cols` floats).
+///
+/// # Safety
+/// `out` must be valid for writes at every `t * ldo + r`.
+pub unsafe fn gemm_tile_float(
+    ty: GgmlType,
+    w: &[u8],
+    cols: usize,
+    x: &[f32],
+    out: *mut f32,
+    ldo: usize,
+) {
+    let row_bytes = cols * ty.type_size();
+    for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            *out.add(t * ldo + r) = dot_float(ty, wr, xt);
+        }
+    }
+}
