@@ -98,8 +98,8 @@ unsafe fn row<const TY: u8, const N: usize>(w: &[u8], cols: usize, x: &[f32], ou
     }
     if i + 8 <= cols {
         let w0 = load8::<TY>(wp, i);
-        for t in 0..N {
-            acc0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(t * cols + i)), acc0[t]);
+        for (t, a) in acc0.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(t * cols + i)), *a);
         }
         i += 8;
     }
