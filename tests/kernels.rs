@@ -116,6 +116,7 @@ fn check(ty: GgmlType, w: &[u8], x: &[f32], n: usize, cols: usize) {
     let ldo = n_rows + 3;
     let run = |isa: Isa| {
         let mut out = vec![f32::NAN; n * ldo];
+        // SAFETY: `out` holds n rows of ldo >= n_rows elements.
         unsafe { kernels::gemm_tile(isa, ty, w, row_bytes, &rows, out.as_mut_ptr(), ldo) };
         for t in 0..n {
             assert!(out[t * ldo + n_rows..(t + 1) * ldo]
@@ -396,6 +397,7 @@ fn float_kernels_equal_scalar() {
                 let ldo = rows + 2;
                 let run = |isa: Isa| {
                     let mut out = vec![f32::NAN; n * ldo];
+                    // SAFETY: `out` holds n rows of ldo >= rows elements.
                     unsafe {
                         kernels::gemm_tile_float(isa, ty, &w, cols, &x, out.as_mut_ptr(), ldo)
                     };

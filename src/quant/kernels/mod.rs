@@ -115,6 +115,9 @@ pub unsafe fn gemm_tile(
         && x.qs.len() == 32 * x.d.len()
         && x.s.len() == x.d.len()
         && x.isum.len() == x.d.len()));
+    if xs.is_empty() {
+        return;
+    }
     let special = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
     match isa {
         #[cfg(target_arch = "x86_64")]
