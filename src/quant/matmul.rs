@@ -113,7 +113,9 @@ impl QMatrix {
 
     /// Whether this matrix is computed on 8-bit activations (then [`Input::q8`] must be filled).
     pub fn wants_q8(&self) -> bool {
-        kernels::has_q8_kernel(self.ty) && self.cols.is_multiple_of(32)
+        // pq rows of any length pad their last chunk with zero codes, as the activations pad theirs.
+        kernels::has_q8_kernel(self.ty)
+            && (matches!(self.ty, GgmlType::Pq(_)) || self.cols.is_multiple_of(32))
     }
 }
 
@@ -181,6 +183,20 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
                     bytes,
                     w.row_bytes,
                     &q8_rows,
+                    out.ptr().add(r0),
+                    w.rows,
+                )
+            };
+        } else if kernels::has_float_kernel(w.ty) && w.cols > 0 {
+            let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
+            // SAFETY: as above.
+            unsafe {
+                kernels::gemm_tile_float(
+                    isa,
+                    w.ty,
+                    bytes,
+                    w.cols,
+                    input.x,
                     out.ptr().add(r0),
                     w.rows,
                 )

@@ -6,7 +6,9 @@
 
 use std::arch::x86_64::*;
 
+use super::pq_simd::{group_sums, plane1_mask, plane2, plane4};
 use crate::quant::activation::Q8Row;
+use crate::quant::pq::Pq;
 use crate::quant::GgmlType;
 
 #[inline]
@@ -178,3 +180,29 @@ macro_rules! q8_kernels {
 pub(crate) use q8_kernels;
 
 q8_kernels!("avx2,fma,f16c");
+
+/// Σ u8 × i8 over 32 bytes as 8 i32 lanes (exact while the u8 operand is at most 128: the i16 pair
+/// sums of `vpmaddubsw` saturate beyond).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn madd_u8_i8(w: __m256i, x: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// A 1-bit plane as bytes `v` where a bit is set, 0 where clear.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn plane1(p: *const u8, v: i8) -> __m256i {
+    _mm256_and_si256(plane1_mask(p), _mm256_set1_epi8(v))
+}
+
+/// A 1-bit plane as −1 where a bit is set, +1 where clear.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn signs1(p: *const u8) -> __m256i {
+    _mm256_or_si256(plane1_mask(p), _mm256_set1_epi8(1))
+}
+
+const U8_NO_SATURATION: bool = false;
+
+super::pq_simd::pq_kernels!("avx2,fma,f16c");

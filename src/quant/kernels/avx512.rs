@@ -5,7 +5,9 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{f16_at, hsum, load_x, unpack_nibbles};
+use super::pq_simd::{group_sums, plane2, plane4};
 use crate::quant::activation::Q8Row;
+use crate::quant::pq::Pq;
 use crate::quant::GgmlType;
 
 /// Σ u8 × i8 over 32 bytes as 8 i32 lanes, converted to f32.
@@ -16,3 +18,30 @@ unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
 }
 
 super::avx2::q8_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+
+/// Σ u8 × i8 over 32 bytes as 8 i32 lanes; `vpdpbusd` sums in i32, so it never saturates.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn madd_u8_i8(w: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+}
+
+/// A 1-bit plane as bytes `v` where a bit is set, 0 where clear: the 4 bytes are a mask register.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn plane1(p: *const u8, v: i8) -> __m256i {
+    let k = (p as *const u32).read_unaligned();
+    _mm256_maskz_mov_epi8(k, _mm256_set1_epi8(v))
+}
+
+/// A 1-bit plane as −1 where a bit is set, +1 where clear.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn signs1(p: *const u8) -> __m256i {
+    let k = (p as *const u32).read_unaligned();
+    _mm256_mask_blend_epi8(k, _mm256_set1_epi8(1), _mm256_set1_epi8(-1))
+}
+
+const U8_NO_SATURATION: bool = true;
+
+super::pq_simd::pq_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");

@@ -1,0 +1,349 @@
+//! SIMD kernels for the pq formats (and the ggml types identical to one), shared by the AVX2 and
+//! AVX-512 paths: each equals [`super::scalar::dot_pq`] up to float summation order.
+//!
+//! Each chunk of 32 codes is unpacked once into 32 bytes and multiplied with the 8-bit activations
+//! of up to four tokens. Bit planes unpack without tables: a 4-bit plane splits nibbles, a 2-bit
+//! plane broadcasts its 8 bytes to four 64-bit lanes shifted by 0, 2, 4 and 6, a 1-bit plane spreads
+//! each byte over 8 lanes and tests one bit per lane (AVX-512 loads it as a mask register instead).
+//!
+//! The integer product needs one unsigned operand (`vpmaddubsw`/`vpdpbusd` take u8 × i8):
+//! - asymmetric codes `c` are that operand; the `m·xd·Σq` term is added per group in f32;
+//! - symmetric codes are made signed (`c − 2^(k−1)`, or ±1 for 1 bit) and their sign moved onto
+//!   the activations (`vpsignb`), so the sum is the exact integer the format defines, with no
+//!   offset term to cancel in floating point;
+//! - 8-bit asymmetric codes reach 255, where `vpmaddubsw`'s i16 pair sums saturate: without VNNI
+//!   they are multiplied as `c − 128` (signed, as above) and `128·Σq` is added back exactly in i32;
+//!   `vpdpbusd` does not saturate, so VNNI multiplies them as they are.
+//!
+//! Groups of 64 or 128 weights share their scale: chunk products are accumulated per group (scaled
+//! by each chunk's activation scale) and multiplied by the weight scale once per group. The
+//! asymmetric minimum's term `m·Σ xd·Σq` needs the activations' scaled sums per group, which are
+//! computed once per tile for all its rows ([`group_sums`]).
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use crate::quant::activation::Q8Row;
+
+/// A 4-bit plane (16 bytes; byte `j` holds code `j` low, code `j + 16` high) to 32 bytes of codes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn plane4(p: *const u8) -> __m256i {
+    // Both halves from one broadcast load; the upper half shifted right by 4 (64-bit lanes, so
+    // bits cross bytes, but the mask keeps each byte's own nibble).
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    let s = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4));
+    _mm256_and_si256(s, _mm256_set1_epi8(0x0F))
+}
+
+/// A 2-bit plane (8 bytes; byte `j` holds code `j + 8i` in bits `2i..2i+2`) to 32 bytes of 0..=3.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn plane2(p: *const u8) -> __m256i {
+    let v = _mm256_set1_epi64x((p as *const i64).read_unaligned());
+    // Lane i (bytes 8i..8i+8) shifted right by 2i: the low two bits of each byte are code j + 8i.
+    let s = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6));
+    _mm256_and_si256(s, _mm256_set1_epi8(3))
+}
+
+/// A 1-bit plane (4 bytes; bit `j mod 8` of byte `j / 8` is code `j`'s) to 32 bytes of 0xFF (set) or
+/// 0 (clear).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn plane1_mask(p: *const u8) -> __m256i {
+    let v = _mm256_set1_epi32((p as *const i32).read_unaligned());
+    // Byte i takes source byte i / 8 (each 128-bit lane holds all four), then tests bit i mod 8.
+    let idx = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let b = _mm256_and_si256(_mm256_shuffle_epi8(v, idx), bit);
+    _mm256_cmpeq_epi8(b, bit)
+}
+
+thread_local! {
+    static GROUP_SUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with `Σ xd·Σq` over each group of `per_group` chunks of each token's activations:
+/// `sums[t * groups + g]` with `groups = nb.div_ceil(per_group)` (the last group may be shorter).
+/// A per-thread buffer, so that a tile allocates nothing.
+pub(crate) fn group_sums<R>(xs: &[Q8Row], per_group: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    GROUP_SUMS.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        for x in xs {
+            for (d, isum) in x.d.chunks(per_group).zip(x.isum.chunks(per_group)) {
+                buf.push(d.iter().zip(isum).map(|(&d, &i)| d * i as f32).sum());
+            }
+        }
+        f(&buf)
+    })
+}
+
+/// The pq kernel bodies. The invoking module must have in scope, with its target features:
+/// `hsum`, `load_x`, `plane4`, `plane2`, `group_sums`; `madd_u8_i8(u, s) -> __m256i` (Σ u8 × i8
+/// over 32 bytes into 8 i32 lanes, 4 bytes per lane); `plane1(p, v)` (a 1-bit plane as bytes `v`
+/// where set, else 0); `signs1(p)` (−1 where set, +1 where clear); and `const U8_NO_SATURATION:
+/// bool` (whether `madd_u8_i8` is exact for u8 operands up to 255).
+macro_rules! pq_kernels {
+    ($features:literal) => {
+        /// `out[t * ldo + r] = W[r] · xs[t]` for every row `r` of `w` (rows of `row_bytes` bytes of
+        /// format `p`) and every token `t` of `xs`.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; `w`'s rows and `xs` must agree in length
+        /// (`row_bytes == p.row_bytes(32 * x.d.len())`); `out` must be valid for writes at every
+        /// `t * ldo + r`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn gemm_tile_pq(
+            p: Pq,
+            w: &[u8],
+            row_bytes: usize,
+            xs: &[Q8Row],
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            macro_rules! go {
+                ($bits:literal, $sym:literal) => {
+                    match p.group {
+                        32 => pq_tile::<$bits, $sym, 1>(w, row_bytes, xs, out, ldo),
+                        64 => pq_tile::<$bits, $sym, 2>(w, row_bytes, xs, out, ldo),
+                        _ => pq_tile::<$bits, $sym, 4>(w, row_bytes, xs, out, ldo),
+                    }
+                };
+            }
+            match (p.bits, p.sym) {
+                (1, false) => go!(1, false),
+                (1, true) => go!(1, true),
+                (2, false) => go!(2, false),
+                (2, true) => go!(2, true),
+                (3, false) => go!(3, false),
+                (3, true) => go!(3, true),
+                (4, false) => go!(4, false),
+                (4, true) => go!(4, true),
+                (5, false) => go!(5, false),
+                (5, true) => go!(5, true),
+                (6, false) => go!(6, false),
+                (6, true) => go!(6, true),
+                (8, false) => go!(8, false),
+                (8, true) => go!(8, true),
+                _ => unreachable!("{p} is not a pq format"),
+            }
+        }
+
+        /// Every row of the tile, four tokens at a time; `G` chunks per group.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_tile<const BITS: u32, const SYM: bool, const G: usize>(
+            w: &[u8],
+            row_bytes: usize,
+            xs: &[Q8Row],
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let groups = xs.get_unchecked(0).d.len().div_ceil(G);
+            // Symmetric formats have no minimum, so no use for the sums.
+            let xs_for_sums = if SYM { &xs[..0] } else { xs };
+            group_sums(xs_for_sums, G, |sums| {
+                let mut res = [0.0f32; 4];
+                for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+                    let mut t0 = 0;
+                    while t0 < xs.len() {
+                        let k = (xs.len() - t0).min(4);
+                        let x = xs.get_unchecked(t0..t0 + k);
+                        let s = sums.as_ptr().add(if SYM { 0 } else { t0 * groups });
+                        match k {
+                            1 => pq_row::<BITS, SYM, G, 1>(wr, x, s, groups, &mut res),
+                            2 => pq_row::<BITS, SYM, G, 2>(wr, x, s, groups, &mut res),
+                            3 => pq_row::<BITS, SYM, G, 3>(wr, x, s, groups, &mut res),
+                            _ => pq_row::<BITS, SYM, G, 4>(wr, x, s, groups, &mut res),
+                        }
+                        for (i, &v) in res[..k].iter().enumerate() {
+                            *out.add((t0 + i) * ldo + r) = v;
+                        }
+                        t0 += k;
+                    }
+                }
+            })
+        }
+
+        /// One chunk's codes as the operand `madd_u8_i8` multiplies: unsigned codes, or (see
+        /// `pq_group`) signed values whose sign goes onto the activations.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_codes<const BITS: u32, const SYM: bool>(p: *const u8) -> __m256i {
+            let c = match BITS {
+                1 if SYM => return signs1(p),
+                1 => plane1(p, 1),
+                2 => plane2(p),
+                3 => _mm256_or_si256(plane1(p, 4), plane2(p.add(4))),
+                4 => plane4(p),
+                5 => _mm256_or_si256(plane1(p, 16), plane4(p.add(4))),
+                6 => _mm256_or_si256(_mm256_slli_epi16(plane2(p), 4), plane4(p.add(8))),
+                _ => {
+                    let b = _mm256_loadu_si256(p as *const __m256i);
+                    // Stored: c as u8 (asymmetric), c − 128 as i8 (symmetric).
+                    return if SYM || U8_NO_SATURATION {
+                        b
+                    } else {
+                        _mm256_xor_si256(b, _mm256_set1_epi8(-128))
+                    };
+                }
+            };
+            if SYM {
+                _mm256_sub_epi8(c, _mm256_set1_epi8(1 << (BITS - 1)))
+            } else {
+                c
+            }
+        }
+
+        /// One row times `N` tokens; `sums` holds the tokens' group sums (`groups` per token).
+        /// Groups alternate between two accumulators so that consecutive groups' additions do not
+        /// wait on each other.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_row<const BITS: u32, const SYM: bool, const G: usize, const N: usize>(
+            w: &[u8],
+            xs: &[Q8Row],
+            sums: *const f32,
+            groups: usize,
+            out: &mut [f32],
+        ) {
+            let nb = xs.get_unchecked(0).d.len();
+            let full = nb / G;
+            let mut acc0 = [_mm256_setzero_ps(); N];
+            let mut acc1 = [_mm256_setzero_ps(); N];
+            let mut offs0 = [_mm_setzero_ps(); N];
+            let mut offs1 = [_mm_setzero_ps(); N];
+            let mut p = w.as_ptr();
+            let mut g = 0;
+            while g + 2 <= full {
+                p = pq_group::<BITS, SYM, G, N>(p, G, g, xs, sums, groups, &mut acc0, &mut offs0);
+                p = pq_group::<BITS, SYM, G, N>(
+                    p,
+                    G,
+                    g + 1,
+                    xs,
+                    sums,
+                    groups,
+                    &mut acc1,
+                    &mut offs1,
+                );
+                g += 2;
+            }
+            if g < full {
+                p = pq_group::<BITS, SYM, G, N>(p, G, g, xs, sums, groups, &mut acc0, &mut offs0);
+            }
+            if !nb.is_multiple_of(G) {
+                pq_group::<BITS, SYM, G, N>(
+                    p,
+                    nb % G,
+                    full,
+                    xs,
+                    sums,
+                    groups,
+                    &mut acc1,
+                    &mut offs1,
+                );
+            }
+            for t in 0..N {
+                // `offs` holds the minimum's term in lane 1 and zeros elsewhere (see `pq_group`).
+                let o = _mm256_zextps128_ps256(_mm_add_ps(offs0[t], offs1[t]));
+                out[t] = hsum(_mm256_add_ps(_mm256_add_ps(acc0[t], acc1[t]), o));
+            }
+        }
+
+        /// Group `g`, of `n` chunks (`G`, or fewer for a row's tail group), at `p` in the row: adds
+        /// its products to `acc` and its minimum's term to lane 1 of `offs`; returns the next
+        /// group's start.
+        #[inline]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn pq_group<const BITS: u32, const SYM: bool, const G: usize, const N: usize>(
+            p: *const u8,
+            n: usize,
+            g: usize,
+            xs: &[Q8Row],
+            sums: *const f32,
+            groups: usize,
+            acc: &mut [__m256; N],
+            offs: &mut [__m128; N],
+        ) -> *const u8 {
+            // Whether `pq_codes` gives signed values (multiplied by sign trick), and whether those
+            // are 8-bit asymmetric codes less 128 (then 128·Σq is added back).
+            let signed = SYM || (BITS == 8 && !U8_NO_SATURATION);
+            let minus128 = BITS == 8 && !SYM && !U8_NO_SATURATION;
+            // 1-bit symmetric signs are −(2c − 1); the scale takes the sign back.
+            let flip = BITS == 1 && SYM;
+            let hb = if SYM { 2 } else { 4 };
+            let cb = 4 * BITS as usize;
+            let mut q = p.add(hb);
+            // Two partial sums within the group, so that its chunks do not form one chain.
+            let mut part = [[_mm256_setzero_ps(); N]; 2];
+            let count = if n == G { G } else { n };
+            for k in 0..count {
+                let c = g * G + k;
+                let wv = pq_codes::<BITS, SYM>(q);
+                q = q.add(cb);
+                let aw = if flip {
+                    _mm256_set1_epi8(1)
+                } else if signed {
+                    _mm256_sign_epi8(wv, wv)
+                } else {
+                    wv
+                };
+                for t in 0..N {
+                    let x = xs.get_unchecked(t);
+                    let xq = load_x(x, c);
+                    let mut pi = if signed {
+                        madd_u8_i8(aw, _mm256_sign_epi8(xq, wv))
+                    } else {
+                        madd_u8_i8(aw, xq)
+                    };
+                    if minus128 {
+                        // 128·Σq spread over the 8 lanes, exactly.
+                        let k = *x.isum.get_unchecked(c) << 4;
+                        pi = _mm256_add_epi32(pi, _mm256_set1_epi32(k));
+                    }
+                    let xd = _mm256_set1_ps(*x.d.get_unchecked(c));
+                    let pf = _mm256_cvtepi32_ps(pi);
+                    part[k & 1][t] = if k < 2 {
+                        _mm256_mul_ps(pf, xd)
+                    } else {
+                        _mm256_fmadd_ps(pf, xd, part[k & 1][t])
+                    };
+                }
+            }
+            let d = _mm256_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()));
+            let d = if flip {
+                _mm256_sub_ps(_mm256_setzero_ps(), d)
+            } else {
+                d
+            };
+            // [0, m, 0, 0] (the header's d bits cleared): lane 1 of `offs` accumulates m times the
+            // group sum, the other lanes stay zero.
+            let dm = if SYM {
+                _mm_setzero_ps()
+            } else {
+                let h = (p as *const u32).read_unaligned() & 0xFFFF_0000;
+                _mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))
+            };
+            for t in 0..N {
+                let s = if G > 1 && count > 1 {
+                    _mm256_add_ps(part[0][t], part[1][t])
+                } else {
+                    part[0][t]
+                };
+                acc[t] = _mm256_fmadd_ps(s, d, acc[t]);
+                if !SYM {
+                    let gs = _mm_set1_ps(*sums.add(t * groups + g));
+                    offs[t] = _mm_fmadd_ps(dm, gs, offs[t]);
+                }
+            }
+            q
+        }
+    };
+}
+pub(crate) use pq_kernels;
