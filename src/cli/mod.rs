@@ -1,6 +1,7 @@
 //! One module per command; each parses its arguments and calls the library.
 
 mod bench;
+mod convert;
 mod inspect;
 mod perplexity;
 mod run;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Prompt-processing and generation speed (tokens/s) and peak memory.
     Bench(bench::Args),
+    /// Re-quantize every linear weight to one format and write a new GGUF.
+    Convert(convert::Args),
     /// Tensors, formats, sizes and metadata of a model file.
     Inspect(inspect::Args),
     /// Perplexity of a text the way llama-perplexity measures it; KL divergence to a saved base.
@@ -69,6 +72,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Run(a) => run::run(a),
