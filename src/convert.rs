@@ -12,7 +12,9 @@ use std::sync::atomic::AtomicBool;
 
 use crate::error::{Error, Result};
 use crate::format::gguf::{Gguf, Value};
-use crate::format::gguf_writer::{self, GgufWriter, TensorSpec, FORMAT_VERSION, FORMAT_VERSION_KEY};
+use crate::format::gguf_writer::{
+    self, GgufWriter, TensorSpec, FORMAT_VERSION, FORMAT_VERSION_KEY,
+};
 use crate::quant::dequant::dequantize_tensor;
 use crate::quant::quantize::{can_quantize, quantize_rows, Method, Options};
 use crate::quant::{format, GgmlType};
@@ -72,10 +74,7 @@ impl GgufSource {
 
     fn info(&self, name: &str) -> Result<&crate::format::TensorInfo> {
         self.gguf.tensor(name).ok_or_else(|| {
-            Error::Model(format!(
-                "{}: no tensor {name:?}",
-                self.gguf.path.display()
-            ))
+            Error::Model(format!("{}: no tensor {name:?}", self.gguf.path.display()))
         })
     }
 }
@@ -302,7 +301,11 @@ pub fn output_metadata(
                 GgmlType::F32 | GgmlType::F16 | GgmlType::BF16
             )
     });
-    if quantized && !meta.iter().any(|(k, _)| k == "general.quantization_version") {
+    if quantized
+        && !meta
+            .iter()
+            .any(|(k, _)| k == "general.quantization_version")
+    {
         meta.push((
             "general.quantization_version".into(),
             Value::U32(QNT_VERSION),

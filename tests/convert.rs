@@ -61,7 +61,9 @@ fn sha256(path: &Path) -> String {
 fn q8_0_and_back_to_q4_1_keeps_perplexity() {
     let dir = tempfile::tempdir().unwrap();
     let (q8, q41) = (dir.path().join("q8_0.gguf"), dir.path().join("q4_1.gguf"));
-    // q8_0 by round-to-nearest, as ggml quantizes Q8_0; back to q4_1 by the default search.
+    // q8_0 by round-to-nearest, as ggml quantizes Q8_0 (the error-minimising search clips the
+    // largest weight of a group, which costs more perplexity at 8 bits than its lower mean square
+    // error saves); back to q4_1 by the default search.
     let opts = ConvertOptions {
         method: Method::Rtn,
         ..ConvertOptions::new(GgmlType::Q8_0)
@@ -69,13 +71,12 @@ fn q8_0_and_back_to_q4_1_keeps_perplexity() {
     let src = GgufSource::open(common::real_model()).unwrap();
     let r = convert(&src, &q8, &opts, |_| {}).unwrap();
     assert!((r.linear_bits_per_weight() - 8.5).abs() < 1e-9);
-    let r = convert(
-        &GgufSource::open(&q8).unwrap(),
-        &q41,
-        &ConvertOptions::new(GgmlType::Q4_1),
-        |_| {},
-    )
-    .unwrap();
+    // The shipped model keeps its token embeddings at Q8_0; so does the round trip.
+    let opts = ConvertOptions {
+        embeddings: Some(GgmlType::Q8_0),
+        ..ConvertOptions::new(GgmlType::Q4_1)
+    };
+    let r = convert(&GgufSource::open(&q8).unwrap(), &q41, &opts, |_| {}).unwrap();
     assert!((r.linear_bits_per_weight() - 5.0).abs() < 1e-9);
 
     // Every linear weight and the embeddings took the format; norms were copied as stored.
@@ -83,7 +84,8 @@ fn q8_0_and_back_to_q4_1_keeps_perplexity() {
     for t in &r.tensors {
         let ty = g.tensor(&t.spec.name).unwrap().ggml_type;
         match t.role {
-            Role::Linear | Role::Embeddings => assert_eq!(ty, GgmlType::Q4_1, "{}", t.spec.name),
+            Role::Linear => assert_eq!(ty, GgmlType::Q4_1, "{}", t.spec.name),
+            Role::Embeddings => assert_eq!(ty, GgmlType::Q8_0, "{}", t.spec.name),
             Role::Keep => assert_eq!(ty, GgmlType::F32, "{}", t.spec.name),
         }
     }
@@ -97,7 +99,11 @@ fn q8_0_and_back_to_q4_1_keeps_perplexity() {
         let p = ppl(path, chunks);
         let rel = (p - base).abs() / base;
         eprintln!("{name}: PPL {p:.4} vs {base:.4}: {:.3}%", 100.0 * rel);
-        assert!(rel < 0.005, "{name}: PPL {p} vs {base} moved {:.2}%", 100.0 * rel);
+        assert!(
+            rel < 0.005,
+            "{name}: PPL {p} vs {base} moved {:.2}%",
+            100.0 * rel
+        );
     }
 }
 
@@ -133,7 +139,10 @@ fn llama_cpp_measures_the_same_perplexity_on_pare_files() {
         let ours = ppl(&out, chunks);
         let theirs = case["ppl"].as_f64().unwrap();
         let rel = (ours - theirs).abs() / theirs;
-        eprintln!("{name}: pare {ours:.4} vs llama.cpp {theirs:.4}: {:.3}%", 100.0 * rel);
+        eprintln!(
+            "{name}: pare {ours:.4} vs llama.cpp {theirs:.4}: {:.3}%",
+            100.0 * rel
+        );
         assert!(rel < 0.01, "{name}: pare {ours} vs llama.cpp {theirs}");
 
         // An independent reader: the gguf package dequantizes pare's file as pare does.
@@ -155,7 +164,10 @@ fn llama_cpp_measures_the_same_perplexity_on_pare_files() {
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect();
-            assert!(ours == theirs, "{name}: {n} differs from gguf's dequantization");
+            assert!(
+                ours == theirs,
+                "{name}: {n} differs from gguf's dequantization"
+            );
         }
     }
 }
@@ -186,14 +198,27 @@ fn pq_files_run_and_report_their_size() {
     let q3 = format::parse("q3_g64").unwrap();
     assert_eq!(g.tensor("blk.0.attn_q.weight").unwrap().ggml_type, q3);
     assert_eq!(g.tensor("blk.0.ffn_down.weight").unwrap().ggml_type, q3);
-    assert_eq!(g.tensor("token_embd.weight").unwrap().ggml_type, GgmlType::Q8_0);
+    assert_eq!(
+        g.tensor("token_embd.weight").unwrap().ggml_type,
+        GgmlType::Q8_0
+    );
     assert_eq!(g.get("general.file_type"), None);
     assert_eq!(g.get_str("pare.format"), Some("q3_g64"));
 
     let path = out.to_str().unwrap();
-    let o = pare(&["run", "-m", path, "-p", "The capital of France is", "-n", "4"]);
+    let o = pare(&[
+        "run",
+        "-m",
+        path,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "4",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = pare(&["bench", "-m", path, "-p", "16", "-n", "2", "-r", "1", "--json"]);
+    let o = pare(&[
+        "bench", "-m", path, "-p", "16", "-n", "2", "-r", "1", "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -201,7 +226,10 @@ fn fails_cleanly(o: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "expected a clean failure: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.contains(needle), "error should mention {needle:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "error should mention {needle:?}: {err}"
+    );
 }
 
 fn no_temp_files(dir: &Path) {
@@ -224,7 +252,15 @@ fn bad_input_gives_a_clean_error_and_no_output() {
     let o = pare(&["convert", "-m", model, "--format", "q9_g32", "-o", o_str]);
     fails_cleanly(&o, "unknown format \"q9_g32\"");
     let o = pare(&[
-        "convert", "-m", model, "--format", "q4_0", "--embeddings", "q4_k", "-o", o_str,
+        "convert",
+        "-m",
+        model,
+        "--format",
+        "q4_0",
+        "--embeddings",
+        "q4_k",
+        "-o",
+        o_str,
     ]);
     fails_cleanly(&o, "unknown format \"q4_k\"");
     let missing = dir.path().join("missing.gguf");
@@ -242,7 +278,17 @@ fn bad_input_gives_a_clean_error_and_no_output() {
 
     // An output in a directory that does not exist, or under a regular file.
     let nodir = dir.path().join("no/such/dir/out.gguf");
-    let o = pare(&["convert", "-m", model, "--format", "q4_0", "--method", "rtn", "-o", nodir.to_str().unwrap()]);
+    let o = pare(&[
+        "convert",
+        "-m",
+        model,
+        "--format",
+        "q4_0",
+        "--method",
+        "rtn",
+        "-o",
+        nodir.to_str().unwrap(),
+    ]);
     fails_cleanly(&o, "no/such/dir");
     let under_file = dir.path().join("missing.gguf.d");
     std::fs::write(&under_file, b"x").unwrap();
@@ -259,17 +305,41 @@ fn bad_input_gives_a_clean_error_and_no_output() {
     ]);
     fails_cleanly(&o, "missing.gguf.d");
     // A directory as the output.
-    let o = pare(&["convert", "-m", model, "--format", "q4_0", "-o", dir.path().to_str().unwrap()]);
+    let o = pare(&[
+        "convert",
+        "-m",
+        model,
+        "--format",
+        "q4_0",
+        "-o",
+        dir.path().to_str().unwrap(),
+    ]);
     fails_cleanly(&o, "is a directory");
 
     // An existing output survives every failure untouched.
     std::fs::write(&out, b"precious").unwrap();
     let o = pare(&["convert", "-m", model, "--format", "bogus", "-o", o_str]);
     fails_cleanly(&o, "bogus");
-    let o = pare(&["convert", "-m", missing.to_str().unwrap(), "--format", "q4_0", "-o", o_str]);
+    let o = pare(&[
+        "convert",
+        "-m",
+        missing.to_str().unwrap(),
+        "--format",
+        "q4_0",
+        "-o",
+        o_str,
+    ]);
     fails_cleanly(&o, "missing.gguf");
     // The input is not a GGUF file.
-    let o = pare(&["convert", "-m", under_file.to_str().unwrap(), "--format", "q4_0", "-o", o_str]);
+    let o = pare(&[
+        "convert",
+        "-m",
+        under_file.to_str().unwrap(),
+        "--format",
+        "q4_0",
+        "-o",
+        o_str,
+    ]);
     fails_cleanly(&o, "missing.gguf.d");
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     no_temp_files(dir.path());
@@ -298,7 +368,7 @@ fn an_interrupted_conversion_leaves_the_target_untouched() {
     no_temp_files(dir.path());
 
     // The real signal, through the CLI: SIGINT once the temporary file exists.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pare"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pare"))
         .args(["convert", "-m"])
         .arg(common::real_model())
         .args(["--format", "q4_0", "-o"])
@@ -307,9 +377,7 @@ fn an_interrupted_conversion_leaves_the_target_untouched() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let tmp = dir
-        .path()
-        .join(format!(".out.gguf.tmp-{}", child.id()));
+    let tmp = dir.path().join(format!(".out.gguf.tmp-{}", child.id()));
     let t0 = std::time::Instant::now();
     while !tmp.exists() && t0.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -18,7 +18,9 @@ use pare::Error;
 
 /// Deterministic pseudo-random values (an LCG): weights with a few outliers.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|i| {
             s = s
@@ -35,7 +37,13 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// A tensor of `ty` with dims `[cols, rows]`, quantized by pare from pseudo-random values.
-fn quantized(name: &str, ty: GgmlType, cols: usize, rows: usize, seed: u64) -> (TensorSpec, Vec<u8>) {
+fn quantized(
+    name: &str,
+    ty: GgmlType,
+    cols: usize,
+    rows: usize,
+    seed: u64,
+) -> (TensorSpec, Vec<u8>) {
     let x = values(cols * rows, seed);
     let spec = TensorSpec::new(name, &[cols as u64, rows as u64], ty);
     let mut out = vec![0u8; spec.n_bytes().unwrap() as usize];
@@ -87,9 +95,7 @@ fn every_value_type() -> Vec<(String, Value)> {
         ),
         (
             "t.arr_arr_arr".into(),
-            Value::Array(vec![Value::Array(vec![Value::Array(vec![Value::I64(
-                -1,
-            )])])]),
+            Value::Array(vec![Value::Array(vec![Value::Array(vec![Value::I64(-1)])])]),
         ),
     ]
 }
@@ -120,7 +126,9 @@ fn every_tensor_type() -> Vec<(TensorSpec, Vec<u8>)> {
         v.push(quantized(&format!("std.{ty}"), ty, 256, 2, 100 + i as u64));
     }
     let spec = TensorSpec::new("std.Q6_K.raw", &[512, 1, 1], GgmlType::Q6K);
-    let bytes: Vec<u8> = (0..spec.n_bytes().unwrap()).map(|i| (i * 7) as u8).collect();
+    let bytes: Vec<u8> = (0..spec.n_bytes().unwrap())
+        .map(|i| (i * 7) as u8)
+        .collect();
     v.push((spec, bytes));
     v
 }
@@ -208,7 +216,10 @@ fn rewrites_the_gguf_package_fixture_byte_for_byte() {
     let ours = std::fs::read(&path).unwrap();
     let theirs = std::fs::read(&fixture).unwrap();
     assert_eq!(ours.len(), theirs.len());
-    assert!(ours == theirs, "the rewrite differs from the gguf package's file");
+    assert!(
+        ours == theirs,
+        "the rewrite differs from the gguf package's file"
+    );
 }
 
 #[test]
@@ -216,7 +227,10 @@ fn the_gguf_package_reads_pare_files_and_dequantizes_them_as_pare_does() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("std.gguf");
     let meta = vec![
-        ("general.architecture".to_string(), Value::String("llama".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
         ("t.u32".to_string(), Value::U32(123456)),
         ("t.f32".to_string(), Value::F32(0.25)),
         ("t.str".to_string(), Value::String("héllo".into())),
@@ -280,17 +294,27 @@ fn failures_leave_no_file_and_keep_an_existing_target() {
     // Cancelled before a tensor.
     let cancel = AtomicBool::new(true);
     let mut w = GgufWriter::create(&path, &[], &specs, Some(&cancel)).unwrap();
-    assert!(matches!(w.write_tensor("w", &bytes), Err(Error::Interrupted)));
+    assert!(matches!(
+        w.write_tensor("w", &bytes),
+        Err(Error::Interrupted)
+    ));
     drop(w);
     // Abandoned: dropped before finish.
     let w = GgufWriter::create(&path, &[], &specs, None).unwrap();
     drop(w);
     assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
-    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
 
     // Metadata the reader or llama.cpp would reject is refused before anything is written.
     let bad = [
-        vec![("a".to_string(), Value::U8(1)), ("a".to_string(), Value::U8(2))],
+        vec![
+            ("a".to_string(), Value::U8(1)),
+            ("a".to_string(), Value::U8(2)),
+        ],
         vec![(
             "mixed".to_string(),
             Value::Array(vec![Value::U8(1), Value::I8(2)]),
@@ -299,7 +323,10 @@ fn failures_leave_no_file_and_keep_an_existing_target() {
         vec![("general.alignment".to_string(), Value::U64(64))],
     ];
     for meta in bad {
-        assert!(GgufWriter::create(&path, &meta, &specs, None).is_err(), "{meta:?}");
+        assert!(
+            GgufWriter::create(&path, &meta, &specs, None).is_err(),
+            "{meta:?}"
+        );
     }
     // Dimensions that do not fit the type, and duplicate names.
     let odd = TensorSpec::new("odd", &[33, 2], GgmlType::Q8_0);

@@ -126,7 +126,10 @@ impl<'a> GgufWriter<'a> {
         let mut names = std::collections::HashSet::new();
         for t in tensors {
             if !names.insert(t.name.as_str()) {
-                return Err(Error::Invalid(format!("duplicate tensor name {:?}", t.name)));
+                return Err(Error::Invalid(format!(
+                    "duplicate tensor name {:?}",
+                    t.name
+                )));
             }
             sized.push((t.clone(), t.n_bytes()?));
         }
@@ -361,7 +364,9 @@ fn check_value(key: &str, value: &Value, depth: usize) -> Result<()> {
             )));
         }
     }
-    items.iter().try_for_each(|v| check_value(key, v, depth + 1))
+    items
+        .iter()
+        .try_for_each(|v| check_value(key, v, depth + 1))
 }
 
 fn put_string(h: &mut Vec<u8>, s: &str) {
