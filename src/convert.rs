@@ -48,6 +48,18 @@ pub trait Source {
     fn stored_bytes(&self, name: &str) -> Option<&[u8]>;
 }
 
+/// The source at `path`, as `pare::model::Model::load` would read it: today a GGUF file. (A
+/// Hugging Face directory becomes another [`Source`] here once pare reads safetensors.)
+pub fn open_source(path: &Path) -> Result<Box<dyn Source>> {
+    if path.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{} is a directory: convert reads GGUF files only, for now",
+            path.display()
+        )));
+    }
+    Ok(Box::new(GgufSource::open(path)?))
+}
+
 /// A GGUF file as a conversion source.
 pub struct GgufSource {
     gguf: Gguf,

@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pare::convert::{convert, ConvertOptions, GgufSource};
+use pare::convert::{convert, open_source, ConvertOptions};
 use pare::quant::format;
 use pare::quant::quantize::Method;
 
@@ -57,13 +57,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .build_global()?;
     }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
-    let src = GgufSource::open(&a.model)?;
+    let src = open_source(&a.model)?;
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} tensors {msg} [{elapsed} < {eta}]")
             .expect("valid template"),
     );
-    let report = convert(&src, &a.output, &opts, |p| {
+    let report = convert(src.as_ref(), &a.output, &opts, |p| {
         pb.set_length(p.total as u64);
         pb.set_position(p.done as u64);
         pb.set_message(format!(
