@@ -52,9 +52,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (1..=1024).contains(&t),
             "--threads must be between 1 and 1024, got {t}"
         );
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()?;
+        // Quantization runs on pare's own pool (crate::parallel), sized before its first use.
+        pare::parallel::set_threads(t);
     }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
     let src = open_source(&a.model)?;
