@@ -4,6 +4,7 @@
 //! weight formats and their kernels, [`model`] is the transformer, [`infer`] generates text and
 //! [`eval`] measures perplexity and speed. The `pare` binary is a thin CLI over these.
 
+pub mod convert;
 pub mod error;
 pub mod eval;
 pub mod export;

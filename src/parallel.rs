@@ -41,6 +41,8 @@ static POOL: OnceLock<&'static Shared> = OnceLock::new();
 static REQUESTED: AtomicUsize = AtomicUsize::new(0);
 
 const SPIN: Duration = Duration::from_millis(2);
+/// Spins (~10–20 µs) before a waiting thread starts yielding its core on every check.
+const YIELD_AFTER: u32 = 4096;
 
 /// Sets the number of threads (the caller included); it takes effect if called before the pool's
 /// first use, and returns whether the pool has (or will have) that size.
@@ -95,7 +97,12 @@ fn worker(s: &'static Shared) {
             }
             spins += 1;
             if !spins.is_multiple_of(1024) || start.elapsed() < SPIN {
-                std::hint::spin_loop();
+                if spins < YIELD_AFTER {
+                    std::hint::spin_loop();
+                } else {
+                    // As in the caller's wait: let a thread that shares this core run.
+                    std::thread::yield_now();
+                }
                 continue;
             }
             // Idle for a while: sleep until the next loop is published.
@@ -150,8 +157,16 @@ pub fn for_each(len: usize, f: &(dyn Fn(usize) + Sync)) {
         s.wake.notify_all();
     }
     claim(s, f);
+    let mut spins = 0u32;
     while s.active.load(Acquire) != 0 {
-        std::hint::spin_loop();
+        // A worker that has not finished may be descheduled (another process busy on its core):
+        // after a short spin, give the core away so it can run, instead of spinning a whole tick.
+        spins += 1;
+        if spins < YIELD_AFTER {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
     std::mem::forget(abort_on_panic);
 }

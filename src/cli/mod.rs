@@ -1,6 +1,7 @@
 //! One module per command; each parses its arguments and calls the library.
 
 mod bench;
+mod convert;
 mod export;
 mod inspect;
 mod perplexity;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Prompt-processing and generation speed (tokens/s) and peak memory.
     Bench(bench::Args),
+    /// Re-quantize every linear weight to one format and write a new GGUF.
+    Convert(convert::Args),
     /// Write a model as a Hugging Face checkpoint directory (config.json, safetensors, tokenizer).
     Export(export::Args),
     /// Tensors, formats, sizes and metadata of a model file.
@@ -72,6 +75,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Perplexity(a) => perplexity::run(a),
