@@ -12,7 +12,6 @@ use pare::convert::{convert, ConvertOptions, GgufSource, Role};
 use pare::eval::model_eval::ModelEval;
 use pare::eval::perplexity::{perplexity, read_text, PerplexityOptions};
 use pare::format::gguf::{Gguf, Value};
-use pare::format::tokenizer::Tokenizer;
 use pare::model::Model;
 use pare::quant::dequant::dequantize_tensor;
 use pare::quant::quantize::Method;
