@@ -61,6 +61,8 @@ impl Common {
                 (1..=1024).contains(&t),
                 "--threads must be between 1 and 1024, got {t}"
             );
+            // The forward pass runs on pare's own pool; rayon serves the evaluation helpers.
+            pare::parallel::set_threads(t);
             rayon::ThreadPoolBuilder::new()
                 .num_threads(t)
                 .build_global()?;

@@ -180,7 +180,7 @@ pub fn quantize_group(p: Pq, x: &[f32], w: &[f32], method: Method, codes: &mut [
     }
     if !p.sym {
         let (mut d, mut m) = ((hi - lo) / nmax, lo);
-        if method == Method::Search && hi > lo {
+        if method == Method::Search && hi > lo && p.bits < 8 {
             let mut best = f32::INFINITY;
             for is in -20..=20 {
                 let iscale = (nmax + 0.05 * is as f32) / (hi - lo);
@@ -228,7 +228,9 @@ pub fn quantize_group(p: Pq, x: &[f32], w: &[f32], method: Method, codes: &mut [
     } else {
         extreme / -half
     };
-    if method == Method::Search && extreme != 0.0 {
+    // At 8 bits the squared-error optimum clips a group's extreme weight, which costs more in
+    // perplexity than the rounding it saves (measured: q8_0 +0.78% vs +0.09% with RTN).
+    if method == Method::Search && extreme != 0.0 && p.bits < 8 {
         let mut best = f32::INFINITY;
         let mut q = vec![0f32; x.len()];
         for is in -20..=20 {
