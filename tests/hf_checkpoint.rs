@@ -36,31 +36,9 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 /// The float64 numpy reference's logits (flattened per case) for a model file or directory.
 fn reference(model: &Path, cases: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("ref.json");
-    let mut args = vec![model.to_str().unwrap().to_string()];
-    for c in cases {
-        args.push("--tokens".into());
-        args.push(
-            c.iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-    }
-    args.push("--out".into());
-    args.push(out.to_str().unwrap().into());
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    common::run_script("reference_forward.py", &args);
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
-    json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let rows: Vec<Vec<f32>> = serde_json::from_value(c["logits"].clone()).unwrap();
-            rows.concat()
-        })
+    common::reference_logits(model, cases)
+        .into_iter()
+        .map(|rows| rows.concat())
         .collect()
 }
 

@@ -30,32 +30,6 @@ fn incremental_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn reference(model: &std::path::Path, cases: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("ref.json");
-    let mut args = vec![model.to_str().unwrap().to_string()];
-    for c in cases {
-        args.push("--tokens".into());
-        args.push(
-            c.iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-    }
-    args.push("--out".into());
-    args.push(out.to_str().unwrap().into());
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    common::run_script("reference_forward.py", &args);
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
-    json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| serde_json::from_value(c["logits"].clone()).unwrap())
-        .collect()
-}
-
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
@@ -121,7 +95,7 @@ fn real_model_matches_numpy_reference() {
         vec![1489, 28431, 30, 94, 46, 3046, 198, 262],
         vec![1, 4093, 198, 19556, 905, 30, 2, 198, 1, 520, 9531, 198],
     ];
-    let want = reference(&path, &cases);
+    let want = common::reference_logits(&path, &cases);
     // The exact path (f32 activations on dequantized weights) differs from float64 by rounding.
     model.exact_activations = true;
     compare(
@@ -181,7 +155,7 @@ fn synthetic(arch: &str, ty: &str, tol: f32, exact: bool) {
         vec![188, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100],
         (0..40).map(|i| (i * 37 + 11) % 256).collect(),
     ];
-    let want = reference(&path, &cases);
+    let want = common::reference_logits(&path, &cases);
     compare(
         &format!("synthetic {arch} {ty}"),
         &pare_logits(&model, &cases),

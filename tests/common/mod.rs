@@ -54,3 +54,31 @@ pub fn data_file(fixture_path: &str) -> PathBuf {
     let name = Path::new(fixture_path).file_name().expect("a file name");
     root().join("data").join(name)
 }
+
+/// Logits of the float64 numpy reference (scripts/reference_forward.py) for each case of token
+/// ids: one row of n_vocab values per position.
+pub fn reference_logits(model: &Path, cases: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ref.json");
+    let mut args = vec![model.to_str().unwrap().to_string()];
+    for c in cases {
+        args.push("--tokens".into());
+        args.push(
+            c.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    args.push("--out".into());
+    args.push(out.to_str().unwrap().into());
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    run_script("reference_forward.py", &args);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| serde_json::from_value(c["logits"].clone()).unwrap())
+        .collect()
+}
