@@ -48,16 +48,130 @@ pub trait Source {
     fn stored_bytes(&self, name: &str) -> Option<&[u8]>;
 }
 
-/// The source at `path`, as `pare::model::Model::load` would read it: today a GGUF file. (A
-/// Hugging Face directory becomes another [`Source`] here once pare reads safetensors.)
+/// The source at `path`, as `pare::model::Model::load` reads it: a GGUF file (tensors copied or
+/// re-quantized as stored), or a Hugging Face checkpoint directory ([`ModelSource`]).
 pub fn open_source(path: &Path) -> Result<Box<dyn Source>> {
     if path.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} is a directory: convert reads GGUF files only, for now",
-            path.display()
-        )));
+        return Ok(Box::new(ModelSource::new(crate::model::Model::load(
+            path,
+        )?)?));
     }
     Ok(Box::new(GgufSource::open(path)?))
+}
+
+/// A loaded model as a conversion source, under llama.cpp's tensor names: how a Hugging Face
+/// checkpoint becomes a GGUF. Metadata comes from [`crate::model::Model::gguf_metadata`]; Llama
+/// query/key rows, which such a checkpoint holds in split-halves order, are put back in the
+/// adjacent-pairs order llama.cpp's converter writes.
+pub struct ModelSource {
+    model: crate::model::Model,
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<SourceTensor>,
+}
+
+enum ModelTensor<'a> {
+    Matrix(&'a crate::quant::matmul::QMatrix, bool),
+    Vector(&'a [f32]),
+}
+
+impl ModelSource {
+    pub fn new(model: crate::model::Model) -> Result<ModelSource> {
+        let metadata = model.gguf_metadata()?;
+        let mut s = ModelSource {
+            model,
+            metadata,
+            tensors: Vec::new(),
+        };
+        s.tensors = s
+            .named()
+            .into_iter()
+            .map(|(name, t)| SourceTensor {
+                name,
+                dims: match t {
+                    ModelTensor::Matrix(m, _) => vec![m.cols as u64, m.rows as u64],
+                    ModelTensor::Vector(v) => vec![v.len() as u64],
+                },
+                stored: None,
+            })
+            .collect();
+        Ok(s)
+    }
+
+    /// Every tensor under its GGUF name, in llama.cpp's order.
+    fn named(&self) -> Vec<(String, ModelTensor<'_>)> {
+        let w = &self.model.weights;
+        let mut v = vec![(
+            "token_embd.weight".to_string(),
+            ModelTensor::Matrix(&w.token_embd, false),
+        )];
+        for (i, l) in w.layers.iter().enumerate() {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            v.push((n("attn_norm"), ModelTensor::Vector(&l.attn_norm)));
+            v.push((n("attn_q"), ModelTensor::Matrix(&l.wq, true)));
+            v.push((n("attn_k"), ModelTensor::Matrix(&l.wk, true)));
+            v.push((n("attn_v"), ModelTensor::Matrix(&l.wv, false)));
+            v.push((n("attn_output"), ModelTensor::Matrix(&l.wo, false)));
+            if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
+                v.push((n("attn_q_norm"), ModelTensor::Vector(q)));
+                v.push((n("attn_k_norm"), ModelTensor::Vector(k)));
+            }
+            v.push((n("ffn_norm"), ModelTensor::Vector(&l.ffn_norm)));
+            v.push((n("ffn_gate"), ModelTensor::Matrix(&l.gate, false)));
+            v.push((n("ffn_up"), ModelTensor::Matrix(&l.up, false)));
+            v.push((n("ffn_down"), ModelTensor::Matrix(&l.down, false)));
+        }
+        v.push((
+            "output_norm.weight".to_string(),
+            ModelTensor::Vector(&w.output_norm),
+        ));
+        if !self.model.weights.tied_output() {
+            v.push((
+                "output.weight".to_string(),
+                ModelTensor::Matrix(&w.output, false),
+            ));
+        }
+        v
+    }
+}
+
+impl Source for ModelSource {
+    fn describe(&self) -> String {
+        self.model.source.path().display().to_string()
+    }
+
+    fn metadata(&self) -> Vec<(String, Value)> {
+        self.metadata.clone()
+    }
+
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let named = self.named();
+        let (_, t) = named
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| Error::Model(format!("{}: no tensor {name:?}", self.describe())))?;
+        match t {
+            ModelTensor::Vector(v) => Ok(v.to_vec()),
+            ModelTensor::Matrix(m, rope_rows) => {
+                let permute = *rope_rows && self.model.qk_rows_need_gguf_permutation();
+                let order = permute.then(|| {
+                    crate::format::hf::adjacent_from_halves_rows(m.rows, self.model.config.head_dim)
+                });
+                let mut out = vec![0f32; m.rows * m.cols];
+                for (r, row) in out.chunks_exact_mut(m.cols.max(1)).enumerate() {
+                    m.dequantize_row(order.as_ref().map_or(r, |o| o[r]), row)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn stored_bytes(&self, _name: &str) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// A GGUF file as a conversion source.

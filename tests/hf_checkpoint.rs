@@ -591,3 +591,71 @@ fn cli_runs_and_exports_a_checkpoint_directory() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
 }
+
+/// Checkpoint → GGUF in one command: the shipped model exported as an f32 checkpoint and
+/// converted back with `pare convert -m DIR --format f32` gives every tensor of the original,
+/// bit for bit (Llama q/k rows back in llama.cpp's order), and runs.
+#[test]
+fn convert_takes_a_checkpoint_directory() {
+    let bin = env!("CARGO_BIN_EXE_pare");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let gguf = tmp.path().join("back.gguf");
+    let real = common::real_model();
+    let ok = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    ok(&[
+        "export",
+        "-m",
+        real.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    ok(&[
+        "convert",
+        "-m",
+        dir.to_str().unwrap(),
+        "--format",
+        "f32",
+        "-o",
+        gguf.to_str().unwrap(),
+    ]);
+    let a = pare::format::Gguf::open(&real).unwrap();
+    let b = pare::format::Gguf::open(&gguf).unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for t in &a.tensors {
+        let u = b
+            .tensor(&t.name)
+            .unwrap_or_else(|| panic!("{} missing", t.name));
+        assert_eq!(t.dims, u.dims, "{}", t.name);
+        let x = pare::quant::dequant::dequantize_tensor(&a, t).unwrap();
+        let y = pare::quant::dequant::dequantize_tensor(&b, u).unwrap();
+        assert!(x == y, "{} differs", t.name);
+    }
+    for key in [
+        "general.architecture",
+        "llama.block_count",
+        "tokenizer.ggml.pre",
+    ] {
+        assert_eq!(a.get(key), b.get(key), "{key}");
+    }
+    ok(&[
+        "run",
+        "-m",
+        gguf.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+    ]);
+}
