@@ -157,62 +157,68 @@ pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], input: &Input) {
     let use_panel = |w: &QMatrix| {
         input.q8.is_some() && n >= PANEL_MIN_TOKENS && w.wants_q8() && panel::supports(isa, w.ty)
     };
-    let mut panel_acts = PanelActs::default();
-    if let Some(q8) = input.q8.filter(|_| mats.iter().any(|w| use_panel(w))) {
-        panel_acts.pack(q8, panel::panel_tokens(isa));
-    }
-    crate::parallel::for_each(tiles.len(), &|i| {
-        let (j, r0, r1) = tiles[i];
-        let w = mats[j];
-        let out = outs[j];
-        if use_panel(w) {
-            UNPACKED.with_borrow_mut(|u| {
+    // The caller's panel buffer is reused across calls: a fresh one per product would be a
+    // zero-filled mapping of a few hundred KiB, ~150 times per micro-batch.
+    PANEL_ACTS.with_borrow_mut(|panel_acts| {
+        if let Some(q8) = input.q8.filter(|_| mats.iter().any(|w| use_panel(w))) {
+            panel_acts.pack(q8, panel::panel_tokens(isa));
+        }
+        let panel_acts = &*panel_acts;
+        crate::parallel::for_each(tiles.len(), &|i| {
+            let (j, r0, r1) = tiles[i];
+            let w = mats[j];
+            let out = outs[j];
+            if use_panel(w) {
+                UNPACKED.with_borrow_mut(|u| {
+                    let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
+                    u.unpack(w.ty, bytes, r1 - r0, w.cols);
+                    // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in
+                    // bounds; `isa` is the detected (or a lower, forced) instruction set.
+                    unsafe {
+                        panel::gemm(isa, u, 0..r1 - r0, panel_acts, out.ptr().add(r0), w.rows)
+                    };
+                });
+            } else if w.wants_q8() && input.q8.is_some() {
                 let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
-                u.unpack(w.ty, bytes, r1 - r0, w.cols);
-                // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in
-                // bounds; `isa` is the detected (or a lower, forced) instruction set.
-                unsafe { panel::gemm(isa, u, 0..r1 - r0, &panel_acts, out.ptr().add(r0), w.rows) };
-            });
-        } else if w.wants_q8() && input.q8.is_some() {
-            let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
-            // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in bounds.
-            unsafe {
-                kernels::gemm_tile(
-                    isa,
-                    w.ty,
-                    bytes,
-                    w.row_bytes,
-                    &q8_rows,
-                    out.ptr().add(r0),
-                    w.rows,
-                )
-            };
-        } else if kernels::has_float_kernel(w.ty) && w.cols > 0 {
-            let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
-            // SAFETY: as above.
-            unsafe {
-                kernels::gemm_tile_float(
-                    isa,
-                    w.ty,
-                    bytes,
-                    w.cols,
-                    input.x,
-                    out.ptr().add(r0),
-                    w.rows,
-                )
-            };
-        } else {
-            let mut wrow = vec![0.0f32; w.cols];
-            for r in r0..r1 {
-                w.dequantize_row(r, &mut wrow)
-                    .expect("matrix types are checked when the model is loaded");
-                for t in 0..n {
-                    let v = dot_f32(&wrow, &input.x[t * w.cols..(t + 1) * w.cols]);
-                    // SAFETY: as above.
-                    unsafe { *out.ptr().add(t * w.rows + r) = v };
+                // SAFETY: the tile writes out[t * rows + r] for its own rows r0..r1 only, all in bounds.
+                unsafe {
+                    kernels::gemm_tile(
+                        isa,
+                        w.ty,
+                        bytes,
+                        w.row_bytes,
+                        &q8_rows,
+                        out.ptr().add(r0),
+                        w.rows,
+                    )
+                };
+            } else if kernels::has_float_kernel(w.ty) && w.cols > 0 {
+                let bytes = &w.bytes()[r0 * w.row_bytes..r1 * w.row_bytes];
+                // SAFETY: as above.
+                unsafe {
+                    kernels::gemm_tile_float(
+                        isa,
+                        w.ty,
+                        bytes,
+                        w.cols,
+                        input.x,
+                        out.ptr().add(r0),
+                        w.rows,
+                    )
+                };
+            } else {
+                let mut wrow = vec![0.0f32; w.cols];
+                for r in r0..r1 {
+                    w.dequantize_row(r, &mut wrow)
+                        .expect("matrix types are checked when the model is loaded");
+                    for t in 0..n {
+                        let v = dot_f32(&wrow, &input.x[t * w.cols..(t + 1) * w.cols]);
+                        // SAFETY: as above.
+                        unsafe { *out.ptr().add(t * w.rows + r) = v };
+                    }
                 }
             }
-        }
+        });
     });
 }
 
@@ -222,6 +228,8 @@ const PANEL_MIN_TOKENS: usize = 8;
 thread_local! {
     /// Each worker's buffer of weight rows unpacked for the panel GEMM.
     static UNPACKED: std::cell::RefCell<UnpackedRows> = Default::default();
+    /// The calling thread's activations rearranged into panels.
+    static PANEL_ACTS: std::cell::RefCell<PanelActs> = Default::default();
 }
 
 /// `out = W x` for one matrix.
