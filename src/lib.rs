@@ -4,6 +4,7 @@
 //! weight formats and their kernels, [`model`] is the transformer, [`infer`] generates text and
 //! [`eval`] measures perplexity and speed. The `pare` binary is a thin CLI over these.
 
+pub mod atomic_file;
 pub mod convert;
 pub mod error;
 pub mod eval;
@@ -13,6 +14,7 @@ pub mod infer;
 pub mod model;
 pub mod parallel;
 pub mod plan;
+pub mod plot;
 pub mod quant;
 
 pub use error::{Error, Result};

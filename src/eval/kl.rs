@@ -186,9 +186,7 @@ impl KlBaseWriter {
             range: LOG_RANGE,
             tokens: tokens[..n_tok].to_vec(),
         };
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".tmp{}", std::process::id()));
-        let tmp = path.with_file_name(name);
+        let tmp = crate::atomic_file::temp_path(path)?;
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&header.encode())
@@ -253,9 +251,8 @@ impl KlBaseWriter {
         let file = out
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        crate::atomic_file::persist(&self.tmp, &self.path)?;
         Ok(())
     }
 }

@@ -149,7 +149,7 @@ impl<'a> GgufWriter<'a> {
                 target.display()
             )));
         }
-        let tmp = temp_path(&target)?;
+        let tmp = crate::atomic_file::temp_path(&target)?;
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -220,21 +220,8 @@ impl<'a> GgufWriter<'a> {
         let file = out
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        // The rename is durable only once the directory is synced; a failure here loses nothing
-        // written, so it is not an error.
-        if let Some(dir) = self.target.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        crate::atomic_file::persist(&self.tmp, &self.target)?;
         Ok(self.pos)
     }
 
@@ -315,17 +302,6 @@ pub fn set(metadata: &mut Vec<(String, Value)>, key: &str, value: Value) {
         Some(kv) => kv.1 = value,
         None => metadata.push((key.to_string(), value)),
     }
-}
-
-/// `.NAME.tmp-PID` in the target's directory: the same file system, so the rename is atomic.
-fn temp_path(target: &Path) -> Result<PathBuf> {
-    let name = target
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{} is not a file name", target.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    Ok(target.with_file_name(tmp_name))
 }
 
 /// Rejects what the reader (or llama.cpp) would reject: duplicate keys, arrays of mixed types or
