@@ -397,13 +397,10 @@ pub fn llama_ftype(ty: GgmlType) -> Option<u32> {
     })
 }
 
-/// The output's metadata: the source's, with the file type, pare's format keys and the
-/// quantization version brought up to date.
-pub fn output_metadata(
-    src: &dyn Source,
-    planned: &[Planned],
-    opts: &ConvertOptions,
-) -> Vec<(String, Value)> {
+/// The output's metadata: the source's, with the file type, pare's format keys (`pare.format` set
+/// to `label`: a format name, or `mixed` for a per-tensor plan) and the quantization version brought
+/// up to date.
+pub fn output_metadata(src: &dyn Source, planned: &[Planned], label: &str) -> Vec<(String, Value)> {
     let mut meta = src.metadata();
     // llama.cpp reads general.file_type only to print it ("mostly Q4_0"), and guesses one from the
     // tensors when the key is absent; a stale value would mislead, so it is set where the linear
@@ -438,11 +435,7 @@ pub fn output_metadata(
         ));
     }
     gguf_writer::set(&mut meta, FORMAT_VERSION_KEY, Value::U32(FORMAT_VERSION));
-    gguf_writer::set(
-        &mut meta,
-        FORMAT_KEY,
-        Value::String(format::name(opts.format)),
-    );
+    gguf_writer::set(&mut meta, FORMAT_KEY, Value::String(label.to_string()));
     meta
 }
 
@@ -452,16 +445,39 @@ pub fn convert(
     src: &dyn Source,
     out: &Path,
     opts: &ConvertOptions,
-    mut progress: impl FnMut(Progress),
+    progress: impl FnMut(Progress),
 ) -> Result<Report> {
     let planned = plan(src, opts)?;
-    let meta = output_metadata(src, &planned, opts);
+    let meta = output_metadata(src, &planned, &format::name(opts.format));
+    write(
+        src,
+        out,
+        &planned,
+        &meta,
+        opts.method,
+        &|_| None,
+        opts.cancel,
+        progress,
+    )
+}
+
+/// Writes `planned` (every tensor of `src` with its output type) to `out` with metadata `meta`:
+/// each tensor is read in f32 and quantized with `method`, weighing columns by
+/// `importance(name)` when that gives a vector, or copied when planned so. Atomic, cancellable
+/// between tensors, `progress` called after each.
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    src: &dyn Source,
+    out: &Path,
+    planned: &[Planned],
+    meta: &[(String, Value)],
+    method: Method,
+    importance: &dyn Fn(&str) -> Option<Vec<f32>>,
+    cancel: Option<&AtomicBool>,
+    mut progress: impl FnMut(Progress),
+) -> Result<Report> {
     let specs: Vec<TensorSpec> = planned.iter().map(|p| p.spec.clone()).collect();
-    let mut w = GgufWriter::create(out, &meta, &specs, opts.cancel)?;
-    let qopts = Options {
-        method: opts.method,
-        importance: None,
-    };
+    let mut w = GgufWriter::create(out, meta, &specs, cancel)?;
     let (mut n_weights, mut data_bytes, mut linear_weights, mut linear_bytes) = (0, 0, 0, 0);
     for (i, p) in planned.iter().enumerate() {
         let name = &p.spec.name;
@@ -477,6 +493,11 @@ pub fn convert(
         } else {
             let x = src.read_f32(name)?;
             let row_len = p.spec.dims[0] as usize;
+            let imp = importance(name).filter(|v| v.len() == row_len);
+            let qopts = Options {
+                method,
+                importance: imp.as_deref(),
+            };
             let mut q = vec![0u8; n_bytes as usize];
             quantize_rows(p.spec.ggml_type, &x, row_len, &qopts, &mut q).map_err(|e| {
                 Error::Model(format!(
@@ -504,7 +525,7 @@ pub fn convert(
     Ok(Report {
         path: out.to_path_buf(),
         file_bytes,
-        tensors: planned,
+        tensors: planned.to_vec(),
         n_weights,
         data_bytes,
         linear_weights,

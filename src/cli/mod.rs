@@ -5,6 +5,7 @@ mod convert;
 mod export;
 mod inspect;
 mod perplexity;
+mod quantize;
 mod run;
 
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ enum Command {
     Inspect(inspect::Args),
     /// Perplexity of a text the way llama-perplexity measures it; KL divergence to a saved base.
     Perplexity(perplexity::Args),
+    /// Mixed-precision quantization within a memory budget: calibrate, measure each tensor's
+    /// error under each format, choose formats (optimal, thresholds or uniform), write a GGUF.
+    Quantize(quantize::Args),
     /// Generate text from a prompt, streamed to stdout.
     Run(run::Args),
 }
@@ -81,6 +85,7 @@ pub fn main() -> ExitCode {
         Command::Export(a) => export::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Perplexity(a) => perplexity::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Run(a) => run::run(a),
     };
     match result {

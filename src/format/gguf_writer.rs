@@ -245,27 +245,7 @@ impl<'a> GgufWriter<'a> {
     }
 
     fn write_header(&mut self, metadata: &[(String, Value)]) -> Result<()> {
-        let mut h = Vec::new();
-        h.extend_from_slice(GGUF_MAGIC);
-        h.extend_from_slice(&VERSION.to_le_bytes());
-        h.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        h.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
-        for (key, value) in metadata {
-            put_string(&mut h, key);
-            h.extend_from_slice(&value.type_id().to_le_bytes());
-            put_value(&mut h, value);
-        }
-        let mut offset = 0u64;
-        for (t, n) in &self.tensors {
-            put_string(&mut h, &t.name);
-            h.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                h.extend_from_slice(&d.to_le_bytes());
-            }
-            h.extend_from_slice(&t.ggml_type.id().to_le_bytes());
-            h.extend_from_slice(&offset.to_le_bytes());
-            offset += n.next_multiple_of(self.alignment);
-        }
+        let h = encode_header(metadata, &self.tensors, self.alignment);
         self.put(&h)?;
         self.pad()
     }
@@ -294,6 +274,60 @@ pub fn write_gguf(
         w.write_tensor(&t.name, data)?;
     }
     w.finish()
+}
+
+fn encode_header(
+    metadata: &[(String, Value)],
+    tensors: &[(TensorSpec, u64)],
+    alignment: u64,
+) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(GGUF_MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut h, key);
+        h.extend_from_slice(&value.type_id().to_le_bytes());
+        put_value(&mut h, value);
+    }
+    let mut offset = 0u64;
+    for (t, n) in tensors {
+        put_string(&mut h, &t.name);
+        h.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            h.extend_from_slice(&d.to_le_bytes());
+        }
+        h.extend_from_slice(&t.ggml_type.id().to_le_bytes());
+        h.extend_from_slice(&offset.to_le_bytes());
+        offset += n.next_multiple_of(alignment);
+    }
+    h
+}
+
+/// The size of the file [`GgufWriter`] writes for `metadata` and `tensors`, split into the header
+/// (padded to the alignment) and the alignment each tensor's data is padded to. A tensor's type
+/// changes only its data size, never the header's, so a planner can price choices exactly:
+/// file size = header + Σ data bytes rounded up to the alignment.
+pub fn layout(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u64, u64)> {
+    let alignment = check_metadata(metadata)?;
+    let mut metadata = metadata.to_vec();
+    if tensors
+        .iter()
+        .any(|t| matches!(t.ggml_type, GgmlType::Pq(_)))
+    {
+        set(
+            &mut metadata,
+            FORMAT_VERSION_KEY,
+            Value::U32(FORMAT_VERSION),
+        );
+    }
+    let sized: Vec<(TensorSpec, u64)> = tensors
+        .iter()
+        .map(|t| Ok((t.clone(), t.n_bytes()?)))
+        .collect::<Result<_>>()?;
+    let header = encode_header(&metadata, &sized, alignment).len() as u64;
+    Ok((header.next_multiple_of(alignment), alignment))
 }
 
 /// Sets `key` to `value`, in place when present, appended otherwise.

@@ -100,6 +100,7 @@ pub fn solve(items: &[Vec<Choice>], budget: u64, units: usize) -> Result<Solutio
         picks[i] = k;
         u -= size(items[i][k].bytes);
     }
+    improve(items, budget, &mut picks);
     let bytes = picks.iter().zip(items).map(|(&k, o)| o[k].bytes).sum();
     let cost = picks.iter().zip(items).map(|(&k, o)| o[k].cost).sum();
     Ok(Solution {
@@ -108,6 +109,28 @@ pub fn solve(items: &[Vec<Choice>], budget: u64, units: usize) -> Result<Solutio
         cost,
         lower_bound: lagrangian_bound(items, budget),
     })
+}
+
+/// Spends what the grid's rounding left unused: repeatedly makes the single change of one item's
+/// option that lowers the cost most while the total still fits (exact bytes, no grid).
+fn improve(items: &[Vec<Choice>], budget: u64, picks: &mut [usize]) {
+    let mut used: u64 = picks.iter().zip(items).map(|(&k, o)| o[k].bytes).sum();
+    for _ in 0..10 * items.len() {
+        let mut best: Option<(usize, usize, f64)> = None;
+        for (i, opts) in items.iter().enumerate() {
+            let cur = opts[picks[i]];
+            for (k, o) in opts.iter().enumerate() {
+                let fits = used - cur.bytes + o.bytes <= budget;
+                let gain = cur.cost - o.cost;
+                if fits && gain > 0.0 && best.is_none_or(|b| gain > b.2) {
+                    best = Some((i, k, gain));
+                }
+            }
+        }
+        let Some((i, k, _)) = best else { break };
+        used = used - items[i][picks[i]].bytes + items[i][k].bytes;
+        picks[i] = k;
+    }
 }
 
 /// The best Lagrangian lower bound max_λ L(λ), by golden-section search on the concave L over

@@ -45,10 +45,11 @@ pub fn format_errors(
         importance,
         ..Options::default()
     };
-    let mut deq = vec![0f32; cols];
+    use rayon::prelude::*;
     formats
-        .iter()
+        .par_iter()
         .map(|&f| {
+            let mut deq = vec![0f32; cols];
             let ty = storage_type(f, cols);
             let rb = ty.row_bytes(cols)?;
             let mut q = vec![0u8; rb];
@@ -67,6 +68,71 @@ pub fn format_errors(
                 bytes: (rb * rows) as u64,
                 error: err * scale,
             })
+        })
+        .collect()
+}
+
+/// Statistics of a weight matrix: the seed's "weight variance" and how heavy its tails are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct WeightStats {
+    pub variance: f64,
+    pub max_abs: f32,
+    /// Fraction of weights more than 6 standard deviations from the mean.
+    pub outliers: f64,
+}
+
+pub fn weight_stats(w: &[f32]) -> WeightStats {
+    let n = w.len().max(1) as f64;
+    let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let variance = w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let lim = 6.0 * variance.sqrt();
+    let outliers = w.iter().filter(|&&v| (v as f64 - mean).abs() > lim).count() as f64 / n;
+    WeightStats {
+        variance,
+        max_abs: w.iter().fold(0.0, |m, &v| m.max(v.abs())),
+        outliers,
+    }
+}
+
+/// What the seed's composite score is made of, for one tensor.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ScoreInputs {
+    /// Gradient (Fisher) sensitivity, when measured.
+    pub grad: Option<f64>,
+    pub weight_variance: f64,
+    pub activation_range: f64,
+    /// Output sensitivity: the activation-weighted error at a reference format.
+    pub output: f64,
+    pub embedding: bool,
+    pub final_layer: bool,
+}
+
+/// The seed's composite score: 0.4·grad + 0.3·weight variance + 0.2·activation range + 0.1·output
+/// sensitivity, each min-max normalised over the tensors, +1 for embeddings, +0.5 for the final
+/// layer. Without gradients their 0.4 is left out (the other weights keep their values).
+pub fn composite_scores(t: &[ScoreInputs]) -> Vec<f64> {
+    let norm = |get: &dyn Fn(&ScoreInputs) -> f64| -> Vec<f64> {
+        let v: Vec<f64> = t.iter().map(get).collect();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        v.iter()
+            .map(|&x| if hi > lo { (x - lo) / (hi - lo) } else { 0.0 })
+            .collect()
+    };
+    let grad = norm(&|s| s.grad.unwrap_or(0.0));
+    let var = norm(&|s| s.weight_variance);
+    let range = norm(&|s| s.activation_range);
+    let out = norm(&|s| s.output);
+    t.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            0.4 * grad[i]
+                + 0.3 * var[i]
+                + 0.2 * range[i]
+                + 0.1 * out[i]
+                + if s.embedding { 1.0 } else { 0.0 }
+                + if s.final_layer { 0.5 } else { 0.0 }
         })
         .collect()
 }
@@ -97,5 +163,40 @@ mod tests {
         let imp: Vec<f32> = (0..cols).map(|j| if j < 48 { 1.0 } else { 0.0 }).collect();
         let weighted = format_errors(&w, rows, cols, Some(&imp), &fmts, &all).unwrap();
         assert!(weighted[1].error < e[1].error);
+    }
+
+    #[test]
+    fn weight_stats_and_composite_scores() {
+        let mut w = vec![0.01f32; 1000];
+        for (i, v) in w.iter_mut().enumerate() {
+            *v = if i % 2 == 0 { 0.01 } else { -0.01 };
+        }
+        w[7] = 5.0;
+        let st = weight_stats(&w);
+        assert_eq!(st.max_abs, 5.0);
+        assert!((st.outliers - 0.001).abs() < 1e-12);
+        let base = ScoreInputs {
+            weight_variance: 1.0,
+            activation_range: 1.0,
+            output: 1.0,
+            ..Default::default()
+        };
+        let s = composite_scores(&[
+            base,
+            ScoreInputs {
+                weight_variance: 3.0,
+                ..base
+            },
+            ScoreInputs {
+                embedding: true,
+                ..base
+            },
+            ScoreInputs {
+                final_layer: true,
+                ..base
+            },
+        ]);
+        assert!((s[1] - 0.3).abs() < 1e-12 && s[0] == 0.0);
+        assert!((s[2] - 1.0).abs() < 1e-12 && (s[3] - 0.5).abs() < 1e-12);
     }
 }

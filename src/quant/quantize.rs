@@ -181,22 +181,32 @@ pub fn quantize_group(p: Pq, x: &[f32], w: &[f32], method: Method, codes: &mut [
     if !p.sym {
         let (mut d, mut m) = ((hi - lo) / nmax, lo);
         if method == Method::Search && hi > lo && p.bits < 8 {
+            let (sw, sx, sxx) = weighted_moments(x, w);
             let mut best = f32::INFINITY;
             for is in -20..=20 {
                 let iscale = (nmax + 0.05 * is as f32) / (hi - lo);
                 if iscale <= 0.0 {
                     continue;
                 }
-                for (c, &v) in codes.iter_mut().zip(x) {
-                    *c = ((v - lo) * iscale).round().clamp(0.0, nmax) as u8;
-                }
-                let Some((dd, mm)) = fit_affine(x, w, codes) else {
+                // One pass per candidate: the codes' weighted moments give the least-squares
+                // (d, m) and its error in closed form.
+                let [sc, scc, scx] =
+                    code_moments(x, w, |v| round_fast((v - lo) * iscale).clamp(0.0, nmax));
+                let (sw, sc, scc, sx, scx) =
+                    (sw as f64, sc as f64, scc as f64, sx as f64, scx as f64);
+                let det = sw * scc - sc * sc;
+                if det <= 1e-12 * sw * scc {
                     continue;
-                };
-                let e = affine_error(x, w, codes, dd, mm);
-                if e < best {
-                    best = e;
-                    (d, m) = (dd, mm);
+                }
+                let dd = (sw * scx - sc * sx) / det;
+                let mm = (scc * sx - sc * scx) / det;
+                let e = dd * dd * scc + 2.0 * dd * mm * sc + mm * mm * sw
+                    - 2.0 * dd * scx
+                    - 2.0 * mm * sx
+                    + sxx as f64;
+                if (e as f32) < best {
+                    best = e as f32;
+                    (d, m) = (dd as f32, mm as f32);
                 }
             }
         }
@@ -231,29 +241,20 @@ pub fn quantize_group(p: Pq, x: &[f32], w: &[f32], method: Method, codes: &mut [
     // At 8 bits the squared-error optimum clips a group's extreme weight, which costs more in
     // perplexity than the rounding it saves (measured: q8_0 +0.78% vs +0.09% with RTN).
     if method == Method::Search && extreme != 0.0 && p.bits < 8 {
+        let (_, _, sxx) = weighted_moments(x, w);
         let mut best = f32::INFINITY;
-        let mut q = vec![0f32; x.len()];
         for is in -20..=20 {
             let iscale = -(half + 0.05 * is as f32) / extreme;
-            let (mut sxq, mut sqq) = (0.0f64, 0.0f64);
-            for ((qi, &v), &wi) in q.iter_mut().zip(x).zip(w) {
-                *qi = (v * iscale).round().clamp(qmin, qmax);
-                sxq += (wi * v * *qi) as f64;
-                sqq += (wi * *qi * *qi) as f64;
-            }
+            // sum w·q, Σ w·q², Σ w·q·x for the codes of this scale; error = Σwx² − (Σwqx)²/Σwq².
+            let [_, sqq, sxq] = code_moments(x, w, |v| round_fast(v * iscale).clamp(qmin, qmax));
             if sqq <= 0.0 {
                 continue;
             }
-            let dd = (sxq / sqq) as f32;
-            let e: f32 = q
-                .iter()
-                .zip(x)
-                .zip(w)
-                .map(|((&qi, &v), &wi)| wi * (dd * qi - v) * (dd * qi - v))
-                .sum();
+            let (sqq, sxq) = (sqq as f64, sxq as f64);
+            let e = (sxx as f64 - sxq * sxq / sqq) as f32;
             if e < best {
                 best = e;
-                d = dd;
+                d = (sxq / sqq) as f32;
             }
         }
     }
@@ -265,35 +266,70 @@ pub fn quantize_group(p: Pq, x: &[f32], w: &[f32], method: Method, codes: &mut [
     (d, 0.0)
 }
 
-/// Weighted least-squares (d, m) for x ≈ d·c + m, or `None` when the codes are all equal.
-fn fit_affine(x: &[f32], w: &[f32], c: &[u8]) -> Option<(f32, f32)> {
-    let (mut sw, mut sc, mut scc, mut sx, mut scx) = (0f64, 0f64, 0f64, 0f64, 0f64);
-    for ((&v, &wi), &ci) in x.iter().zip(w).zip(c) {
-        let (v, wi, ci) = (v as f64, wi as f64, ci as f64);
-        sw += wi;
-        sc += wi * ci;
-        scc += wi * ci * ci;
-        sx += wi * v;
-        scx += wi * ci * v;
-    }
-    let det = sw * scc - sc * sc;
-    if det <= 1e-12 * sw * scc {
-        return None;
-    }
-    let d = (sw * scx - sc * sx) / det;
-    let m = (scc * sx - sc * scx) / det;
-    Some((d as f32, m as f32))
+/// Round to nearest (ties to even) for |v| < 2²²: adding and subtracting 1.5·2²³ leaves no fraction
+/// bits. Two additions vectorize on every x86-64, where `f32::round` is a libm call without SSE4.1.
+/// The search only ranks scales with it; stored codes use `round`.
+#[inline(always)]
+fn round_fast(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
 }
 
-fn affine_error(x: &[f32], w: &[f32], c: &[u8], d: f32, m: f32) -> f32 {
-    x.iter()
-        .zip(w)
-        .zip(c)
-        .map(|((&v, &wi), &ci)| {
-            let e = d * ci as f32 + m - v;
-            wi * e * e
-        })
-        .sum()
+/// Σw, Σw·x, Σw·x² of a group.
+fn weighted_moments(x: &[f32], w: &[f32]) -> (f32, f32, f32) {
+    let [a, b, c] = lanes(x, w, |v, wi| [wi, wi * v, wi * v * v]);
+    (a, b, c)
+}
+
+/// Σw·c, Σw·c², Σw·c·x for the codes `code(x)` of a group.
+#[inline(always)]
+fn code_moments(x: &[f32], w: &[f32], code: impl Fn(f32) -> f32) -> [f32; 3] {
+    let term = |v: f32, wi: f32| {
+        let c = code(v);
+        let wc = wi * c;
+        [wc, wc * c, wc * v]
+    };
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::kernels::isa() != crate::quant::kernels::Isa::Scalar {
+        // SAFETY: isa() reports AVX2 (or better) only when the CPU has it.
+        return unsafe { lanes_avx2(x, w, term) };
+    }
+    lanes(x, w, term)
+}
+
+/// [`lanes`] compiled for AVX2: the same operations in the same order (no FMA), so the same sums,
+/// eight lanes per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lanes_avx2(x: &[f32], w: &[f32], term: impl Fn(f32, f32) -> [f32; 3]) -> [f32; 3] {
+    lanes(x, w, term)
+}
+
+/// Three weighted sums over a group, accumulated in 8 independent lanes so the compiler can keep
+/// them in vector registers (a single running sum cannot be reordered, so it would not vectorize).
+#[inline(always)]
+fn lanes(x: &[f32], w: &[f32], term: impl Fn(f32, f32) -> [f32; 3]) -> [f32; 3] {
+    let mut acc = [[0f32; 8]; 3];
+    let n8 = x.len() / 8 * 8;
+    for (xc, wc) in x[..n8].chunks_exact(8).zip(w[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            let t = term(xc[l], wc[l]);
+            for k in 0..3 {
+                acc[k][l] += t[k];
+            }
+        }
+    }
+    let mut out = [0f32; 3];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a.iter().sum();
+    }
+    for (&v, &wi) in x[n8..].iter().zip(&w[n8..]) {
+        let t = term(v, wi);
+        for k in 0..3 {
+            out[k] += t[k];
+        }
+    }
+    out
 }
 
 #[cfg(test)]

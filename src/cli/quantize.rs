@@ -1,0 +1,181 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use pare::plan::quantize::{self, Options, Override, Stage};
+use pare::plan::report::QuantizeReport;
+use pare::plan::{allocate::Strategy, budget::Budget, frontier};
+use pare::quant::format;
+use pare::quant::quantize::Method;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model to quantize: a GGUF file or a Hugging Face checkpoint directory.
+    #[arg(short = 'm', long = "model")]
+    model: std::path::PathBuf,
+    /// Output GGUF; written under a temporary name and renamed when complete.
+    #[arg(short = 'o', long = "output")]
+    output: Option<std::path::PathBuf>,
+    /// The whole output file's size (61865984, 59MiB, 0.06GB) or bits per weight (3.0bpw).
+    #[arg(long)]
+    budget: Option<Budget>,
+    /// optimal (least predicted error within the budget), thresholds (the seed's score rule) or
+    /// uniform:FORMAT.
+    #[arg(long, default_value = "optimal")]
+    strategy: Strategy,
+    /// Fewest code bits a tensor may get.
+    #[arg(long)]
+    min_bits: Option<u32>,
+    /// Most code bits a tensor may get (f16 counts as 16).
+    #[arg(long)]
+    max_bits: Option<u32>,
+    /// Pin tensors whose name matches REGEX to FORMAT (repeatable; the first match wins).
+    #[arg(long = "override", value_name = "REGEX=FORMAT")]
+    overrides: Vec<Override>,
+    /// Calibration text (default: the WikiText-2 slice compiled into pare, see data/README.md).
+    #[arg(long)]
+    calib: Option<std::path::PathBuf>,
+    /// Calibration chunks of --ctx tokens.
+    #[arg(long, default_value_t = 8)]
+    calib_chunks: usize,
+    /// Calibration context length.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Rows per tensor the errors are measured on.
+    #[arg(long, default_value_t = 64)]
+    sample_rows: usize,
+    /// How group scales are chosen: search (least importance-weighted error) or rtn.
+    #[arg(long, default_value = "search")]
+    method: String,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// Draw the size-vs-predicted-error frontier (uniform formats vs optimal) as a PNG.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+    /// Plan and report only; write no model.
+    #[arg(long)]
+    dry_run: bool,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn bar(template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    pb.set_style(ProgressStyle::with_template(template).expect("valid template"));
+    pb
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.output.is_some() || a.dry_run,
+        "give -o OUT.gguf (or --dry-run to plan only)"
+    );
+    if matches!(a.strategy, Strategy::Optimal | Strategy::Thresholds { .. }) {
+        anyhow::ensure!(
+            a.budget.is_some(),
+            "--strategy {} needs --budget (e.g. --budget 3.5bpw or --budget 59MiB)",
+            if a.strategy == Strategy::Optimal {
+                "optimal"
+            } else {
+                "thresholds"
+            }
+        );
+    }
+    if let (Some(lo), Some(hi)) = (a.min_bits, a.max_bits) {
+        anyhow::ensure!(lo <= hi, "--min-bits {lo} is above --max-bits {hi}");
+    }
+    if let Some(t) = a.threads {
+        anyhow::ensure!(
+            (1..=1024).contains(&t),
+            "--threads must be between 1 and 1024, got {t}"
+        );
+        pare::parallel::set_threads(t);
+    }
+    let calibration_text = match &a.calib {
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        None => quantize::DEFAULT_CALIBRATION_TEXT.to_string(),
+    };
+    anyhow::ensure!(
+        !calibration_text.trim().is_empty(),
+        "the calibration text is empty"
+    );
+    let opts = Options {
+        strategy: a.strategy.clone(),
+        budget: a.budget,
+        min_bits: a.min_bits,
+        max_bits: a.max_bits,
+        overrides: a.overrides.clone(),
+        calibration_text,
+        n_ctx: a.ctx,
+        max_chunks: a.calib_chunks,
+        sample_rows: a.sample_rows,
+        method: match a.method.as_str() {
+            "search" => Method::Search,
+            "rtn" => Method::Rtn,
+            m => anyhow::bail!("--method {m}: use search or rtn"),
+        },
+    };
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
+    let t0 = std::time::Instant::now();
+    let pb = bar("{prefix:>10} {bar:30} {pos}/{len} [{elapsed} < {eta}]");
+    let plan = quantize::plan(&a.model, &opts, |stage, done, total| {
+        pb.set_prefix(match stage {
+            Stage::Calibrate => "calibrate",
+            Stage::Measure => "measure",
+        });
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            pb.abandon_with_message("interrupted");
+        }
+    });
+    pb.finish_and_clear();
+    anyhow::ensure!(
+        !INTERRUPTED.load(Ordering::Relaxed),
+        "interrupted; nothing written"
+    );
+    let plan = plan?;
+    let planned_s = t0.elapsed().as_secs_f64();
+    let report = QuantizeReport::new(&plan)?;
+    print!("{}", report.to_text());
+    if let Some(out) = &a.output {
+        if !a.dry_run {
+            let pb = bar("{prefix:>10} {bar:30} {pos}/{len} tensors {msg} [{elapsed} < {eta}]");
+            pb.set_prefix("write");
+            let r = plan.write(out, Some(&INTERRUPTED), |p| {
+                pb.set_length(p.total as u64);
+                pb.set_position(p.done as u64);
+                pb.set_message(format!(
+                    "{} {}",
+                    p.tensor.spec.name,
+                    format::name(p.tensor.spec.ggml_type)
+                ));
+            });
+            pb.finish_and_clear();
+            let r = r?;
+            println!(
+                "wrote {}: {} bytes, {:.3} bits per weight",
+                r.path.display(),
+                r.file_bytes,
+                r.bits_per_weight()
+            );
+        }
+    }
+    if let Some(p) = &a.report {
+        pare::atomic_file::write(p, report.to_json().as_bytes())?;
+    }
+    if let Some(p) = &a.plot {
+        frontier::write_chart(&plan, p)?;
+    }
+    println!(
+        "planned in {:.1} s, done in {:.1} s",
+        planned_s,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
