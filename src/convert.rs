@@ -35,7 +35,7 @@ pub struct SourceTensor {
 }
 
 /// A model to convert from: metadata in GGUF's terms and named tensors.
-pub trait Source {
+pub trait Source: Send + Sync {
     /// What to name in messages (a path).
     fn describe(&self) -> String;
     /// GGUF metadata for the output (llama.cpp's keys).
@@ -233,7 +233,7 @@ impl Source for GgufSource {
 }
 
 /// What a tensor is, for conversion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// One of the seven matrices of a transformer block, or the output head: takes `--format`.
     Linear,

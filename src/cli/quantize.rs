@@ -43,6 +43,10 @@ pub struct Args {
     /// Rows per tensor the errors are measured on.
     #[arg(long, default_value_t = 64)]
     sample_rows: usize,
+    /// Calibration tokens the per-block KL sensitivity is measured on (0: rank tensors by output
+    /// error alone).
+    #[arg(long, default_value_t = 256)]
+    kl_tokens: usize,
     /// How group scales are chosen: search (least importance-weighted error) or rtn.
     #[arg(long, default_value = "search")]
     method: String,
@@ -52,6 +56,10 @@ pub struct Args {
     /// Draw the size-vs-predicted-error frontier (uniform formats vs optimal) as a PNG.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+    /// Reuse the calibration and measurements saved in this file when they are of the same model
+    /// and options (re-planning at another budget then takes seconds); save them there otherwise.
+    #[arg(long)]
+    measurements: Option<std::path::PathBuf>,
     /// Plan and report only; write no model.
     #[arg(long)]
     dry_run: bool,
@@ -114,6 +122,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         n_ctx: a.ctx,
         max_chunks: a.calib_chunks,
         sample_rows: a.sample_rows,
+        kl_tokens: a.kl_tokens,
         method: match a.method.as_str() {
             "search" => Method::Search,
             "rtn" => Method::Rtn,
@@ -123,17 +132,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
     let t0 = std::time::Instant::now();
     let pb = bar("{prefix:>10} {bar:30} {pos}/{len} [{elapsed} < {eta}]");
-    let plan = quantize::plan(&a.model, &opts, |stage, done, total| {
-        pb.set_prefix(match stage {
-            Stage::Calibrate => "calibrate",
-            Stage::Measure => "measure",
-        });
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        if INTERRUPTED.load(Ordering::Relaxed) {
-            pb.abandon_with_message("interrupted");
-        }
-    });
+    let plan = quantize::plan(
+        &a.model,
+        &opts,
+        a.measurements.as_deref(),
+        |stage, done, total| {
+            pb.set_prefix(match stage {
+                Stage::Calibrate => "calibrate",
+                Stage::Measure => "measure",
+                Stage::Sensitivity => "KL",
+            });
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                pb.abandon_with_message("interrupted");
+            }
+        },
+    );
     pb.finish_and_clear();
     anyhow::ensure!(
         !INTERRUPTED.load(Ordering::Relaxed),

@@ -92,6 +92,27 @@ impl Weights {
         self.output.name == self.token_embd.name
     }
 
+    /// Every matrix called `name`: two when the output head is the tied token embeddings (so a
+    /// caller that swaps one swaps both), none when there is no such matrix.
+    pub fn matrices_named_mut(&mut self, name: &str) -> Vec<&mut QMatrix> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.wq,
+                    &mut l.wk,
+                    &mut l.wv,
+                    &mut l.wo,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]
+            })
+            .chain([&mut self.token_embd, &mut self.output])
+            .filter(|m| m.name == name)
+            .collect()
+    }
+
     /// Every matrix, for inspection and byte counts.
     pub fn matrices(&self) -> impl Iterator<Item = &QMatrix> {
         self.layers

@@ -8,7 +8,7 @@ use crate::plan::knapsack::{self, Choice};
 use crate::quant::{format, GgmlType};
 
 /// One measured option for one tensor.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Candidate {
     /// The format as users name it.
     pub format: GgmlType,

@@ -12,7 +12,7 @@ use crate::model::{Logits, Model, Observer, State};
 use crate::quant::matmul::QMatrix;
 
 /// Input statistics of one matrix, per input column.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InputStats {
     /// Rows (tokens) seen.
     pub n: usize,
@@ -51,7 +51,7 @@ impl InputStats {
 }
 
 /// What calibration collected: input statistics per matrix name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Calibration {
     pub tokens: usize,
     pub inputs: BTreeMap<String, InputStats>,

@@ -9,6 +9,7 @@ pub mod allocate;
 pub mod budget;
 pub mod calibrate;
 pub mod frontier;
+pub mod kl_sensitivity;
 pub mod knapsack;
 pub mod quantize;
 pub mod report;

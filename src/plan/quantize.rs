@@ -16,7 +16,8 @@ use crate::plan::allocate::{allocate, Allocation, Candidate, Strategy};
 use crate::plan::budget::Budget;
 use crate::plan::calibrate::{calibrate, Calibration};
 use crate::plan::sensitivity::{
-    composite_scores, format_errors, sample_rows, weight_stats, ScoreInputs, WeightStats,
+    composite_scores, format_errors, sample_rows, weight_stats, FormatError, ScoreInputs,
+    WeightStats,
 };
 use crate::quant::quantize::{can_quantize, Method};
 use crate::quant::{format, GgmlType};
@@ -63,6 +64,9 @@ pub struct Options {
     pub max_chunks: usize,
     /// Rows per tensor the errors are measured on.
     pub sample_rows: usize,
+    /// Calibration tokens the per-block KL sensitivity is measured on (0: rank by output error
+    /// alone, in each tensor's own units).
+    pub kl_tokens: usize,
     pub method: Method,
 }
 
@@ -78,6 +82,7 @@ impl Default for Options {
             n_ctx: 512,
             max_chunks: 8,
             sample_rows: 64,
+            kl_tokens: 256,
             method: Method::Search,
         }
     }
@@ -105,7 +110,7 @@ pub fn candidate_formats(min_bits: Option<u32>, max_bits: Option<u32>) -> Vec<Gg
 }
 
 /// One tensor the planner chooses a format for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TensorPlan {
     pub name: String,
     pub rows: usize,
@@ -120,6 +125,124 @@ pub struct TensorPlan {
     /// Mean importance (mean square input) over columns.
     pub importance_mean: f64,
     pub score: f64,
+    /// Output error at the KL reference format by round-to-nearest (see [`kl_format`]).
+    pub reference_error: f64,
+    /// Nats of KL per unit of output error for this tensor's group (1 when not measured); every
+    /// candidate's error is already multiplied by it.
+    pub kl_rate: f64,
+}
+
+/// The format the KL sensitivity quantizes a group to: low enough for a measurable effect, high
+/// enough to stay where errors add up linearly.
+pub fn kl_format() -> GgmlType {
+    format::parse("q3_g64").expect("known format")
+}
+
+/// The matrix kind of `blk.N.KIND.weight` names (`attn_q`, `ffn_down`).
+fn kind_of(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("blk.")?;
+    let (_, rest) = rest.split_once('.')?;
+    rest.strip_suffix(".weight")
+}
+
+/// Measures KL at [`kl_format`] on `tokens` for every block (its matrices together), every kind
+/// (that matrix in every block together) and every other matrix (embeddings, output head) alone,
+/// and scales each tensor's candidate errors into nats by its rate.
+///
+/// A block's rate varies with depth (an early error meets a small residual stream) and a kind's
+/// with what lies after it (a value error is averaged by attention, a down-projection error is
+/// written straight into the stream), so a tensor's rate is modelled as a_block · b_kind and fitted
+/// to the measured KLs by alternating scaling (the additive model: a group's KL is the sum of its
+/// tensors' rate × error).
+fn apply_kl_rates(
+    tensors: &mut [TensorPlan],
+    model: &mut Model,
+    tokens: &[u32],
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    let mut blocks: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut singles: Vec<usize> = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        match (layer_of(&t.name), kind_of(&t.name)) {
+            (Some(l), Some(k)) => {
+                blocks.entry(l).or_default().push(i);
+                kinds.entry(k.to_string()).or_default().push(i);
+            }
+            _ => singles.push(i),
+        }
+    }
+    let groups: Vec<&Vec<usize>> = blocks.values().chain(kinds.values()).collect();
+    let mut names: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| g.iter().map(|&i| tensors[i].name.clone()).collect())
+        .collect();
+    names.extend(singles.iter().map(|&i| vec![tensors[i].name.clone()]));
+    let kls = crate::plan::kl_sensitivity::group_kl(model, tokens, &names, kl_format(), |d, t| {
+        progress(Stage::Sensitivity, d, t)
+    })?;
+    let (nb, nk) = (blocks.len(), kinds.len());
+    let block_of: Vec<Option<usize>> = {
+        let mut v = vec![None; tensors.len()];
+        for (bi, g) in blocks.values().enumerate() {
+            for &i in g {
+                v[i] = Some(bi);
+            }
+        }
+        v
+    };
+    let kind_idx: Vec<Option<usize>> = {
+        let mut v = vec![None; tensors.len()];
+        for (ki, g) in kinds.values().enumerate() {
+            for &i in g {
+                v[i] = Some(ki);
+            }
+        }
+        v
+    };
+    // A KL at the noise floor keeps a tiny positive value so its tensors still rank among
+    // themselves.
+    let kl = |g: usize| kls[g].max(1e-9);
+    let (mut a, mut b) = (vec![1.0f64; nb], vec![1.0f64; nk]);
+    for _ in 0..100 {
+        for (bi, g) in blocks.values().enumerate() {
+            let e: f64 = g
+                .iter()
+                .map(|&i| b[kind_idx[i].unwrap()] * tensors[i].reference_error)
+                .sum();
+            a[bi] = if e > 0.0 { kl(bi) / e } else { 1.0 };
+        }
+        for (ki, g) in kinds.values().enumerate() {
+            let e: f64 = g
+                .iter()
+                .map(|&i| a[block_of[i].unwrap()] * tensors[i].reference_error)
+                .sum();
+            b[ki] = if e > 0.0 { kl(nb + ki) / e } else { 1.0 };
+        }
+    }
+    for i in 0..tensors.len() {
+        let rate = match (block_of[i], kind_idx[i]) {
+            (Some(bi), Some(ki)) => a[bi] * b[ki],
+            _ => {
+                let s = singles
+                    .iter()
+                    .position(|&j| j == i)
+                    .expect("every tensor is grouped");
+                let e = tensors[i].reference_error;
+                if e > 0.0 {
+                    kl(nb + nk + s) / e
+                } else {
+                    1.0
+                }
+            }
+        };
+        tensors[i].kl_rate = rate;
+        for c in &mut tensors[i].candidates {
+            c.error *= rate;
+        }
+    }
+    Ok(())
 }
 
 /// Stages a progress callback hears about.
@@ -127,6 +250,7 @@ pub struct TensorPlan {
 pub enum Stage {
     Calibrate,
     Measure,
+    Sensitivity,
 }
 
 /// A complete plan: what each tensor becomes and the file that will be written.
@@ -145,6 +269,70 @@ pub struct Plan {
     pub alignment: u64,
     pub n_weights: u64,
     pub calibration: Calibration,
+    /// The measurements as taken (candidate bytes unpadded), for [`Measurements`].
+    pub measured: Vec<TensorPlan>,
+}
+
+/// Calibration and measurements saved to re-plan without re-measuring (`--measurements FILE`):
+/// valid for the same model file and the same measuring options, which `fingerprint` records.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Measurements {
+    pub fingerprint: String,
+    pub calibration: Calibration,
+    pub tensors: Vec<TensorPlan>,
+}
+
+/// What the measurements depend on: the model file (path, size, modification time) and every
+/// option that changes what is measured.
+pub fn fingerprint(model_path: &Path, opts: &Options) -> String {
+    let meta = std::fs::metadata(model_path).ok();
+    let mtime = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    // FNV-1a of the calibration text.
+    let text = opts
+        .calibration_text
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+    let overrides: Vec<String> = opts
+        .overrides
+        .iter()
+        .map(|o| format!("{}={}", o.pattern, format::name(o.format)))
+        .collect();
+    format!(
+        "v2 {} {} {mtime} text {text:016x} ctx {} chunks {} rows {} kl {} {:?} bits {:?}..{:?} {:?}",
+        std::fs::canonicalize(model_path)
+            .unwrap_or_else(|_| model_path.to_path_buf())
+            .display(),
+        meta.map_or(0, |m| m.len()),
+        opts.n_ctx,
+        opts.max_chunks,
+        opts.sample_rows,
+        opts.kl_tokens,
+        opts.method,
+        opts.min_bits,
+        opts.max_bits,
+        overrides
+    )
+}
+
+impl Measurements {
+    /// Loads `path` when it exists and matches `fingerprint`; `None` otherwise.
+    pub fn load(path: &Path, fingerprint: &str) -> Option<Measurements> {
+        let bytes = std::fs::read(path).ok()?;
+        let m: Measurements = serde_json::from_slice(&bytes).ok()?;
+        (m.fingerprint == fingerprint).then_some(m)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json =
+            serde_json::to_vec(self).map_err(|e| Error::Invalid(format!("measurements: {e}")))?;
+        crate::atomic_file::write(path, &json)
+    }
 }
 
 impl Plan {
@@ -226,12 +414,20 @@ fn first_override(overrides: &[Override], name: &str) -> Option<GgmlType> {
 }
 
 /// Calibrates `model_path` on the options' text, measures every choosable tensor and allocates.
+/// With `cache`, measurements saved there for the same model and options are reused, and new
+/// ones are saved there.
 pub fn plan(
     model_path: &Path,
     opts: &Options,
+    cache: Option<&Path>,
     mut progress: impl FnMut(Stage, usize, usize),
 ) -> Result<Plan> {
-    let model = Model::load(model_path)?;
+    let fp = fingerprint(model_path, opts);
+    if let Some(m) = cache.and_then(|c| Measurements::load(c, &fp)) {
+        let source = convert::open_source(model_path)?;
+        return plan_from(source, m.calibration, Some(m.tensors), None, opts, progress);
+    }
+    let mut model = Model::load(model_path)?;
     let tokens = model
         .tokenizer()?
         .encode(&opts.calibration_text, false, false)?;
@@ -246,15 +442,27 @@ pub fn plan(
         Some(opts.max_chunks.max(1)),
         |d, t| progress(Stage::Calibrate, d, t),
     )?;
-    drop(model);
     let source = convert::open_source(model_path)?;
-    plan_from(source, calibration, opts, progress)
+    let kl_tokens = &tokens[..opts.kl_tokens.min(tokens.len())];
+    let kl = (!kl_tokens.is_empty()).then_some((&mut model, kl_tokens));
+    let plan = plan_from(source, calibration, None, kl, opts, progress)?;
+    if let Some(c) = cache {
+        Measurements {
+            fingerprint: fp,
+            calibration: plan.calibration.clone(),
+            tensors: plan.measured.clone(),
+        }
+        .save(c)?;
+    }
+    Ok(plan)
 }
 
 /// [`plan`] on a source already calibrated.
 pub fn plan_from(
     source: Box<dyn Source>,
     calibration: Calibration,
+    measured: Option<Vec<TensorPlan>>,
+    kl: Option<(&mut Model, &[u32])>,
     opts: &Options,
     mut progress: impl FnMut(Stage, usize, usize),
 ) -> Result<Plan> {
@@ -319,97 +527,39 @@ pub fn plan_from(
             fixed += cost(p.spec.n_bytes()?);
         }
     }
-    let tied = source.tensors().iter().all(|t| t.name != "output.weight");
-
-    let mut tensors = Vec::with_capacity(choosable.len());
-    for (k, &i) in choosable.iter().enumerate() {
-        let name = planned[i].spec.name.clone();
-        let dims = &planned[i].spec.dims;
-        let cols = dims[0] as usize;
-        let rows = (dims.iter().product::<u64>() / dims[0].max(1)) as usize;
-        let w = source.read_f32(&name)?;
-        let stats = calibration.inputs.get(&name);
-        let importance = stats.map(|s| s.importance());
-        let pinned = first_override(&opts.overrides, &name);
-        let mut fmts: Vec<GgmlType> = match pinned {
-            Some(f) => vec![f],
-            None => formats.clone(),
-        };
-        // One candidate per stored type (a format and its twin are the same bytes).
-        let mut seen = std::collections::HashSet::new();
-        fmts.retain(|&f| seen.insert(format::storage_type(f, cols)));
-        let sample = sample_rows(rows, opts.sample_rows);
-        let mut errs = format_errors(&w, rows, cols, importance.as_deref(), &fmts, &sample)?;
-        let role = planned[i].role;
-        if role == Role::Embeddings {
-            // A lookup adds one row's error to the residual stream per token: the mean row error
-            // (unweighted), on top of the output head's error when the head is this matrix.
-            let lookup = format_errors(&w, rows, cols, None, &fmts, &sample)?;
-            let with_head = tied && importance.is_some();
-            for (e, l) in errs.iter_mut().zip(&lookup) {
-                let per_token = l.error / rows as f64;
-                e.error = if with_head {
-                    e.error + per_token
-                } else {
-                    per_token
-                };
-            }
-        }
-        let candidates = errs
-            .iter()
-            .map(|e| Candidate {
-                format: e.format,
-                storage: format::storage_type(e.format, cols),
-                bytes: cost(e.bytes),
-                error: e.error,
-            })
-            .collect();
-        let imp_mean = importance.as_ref().map_or(0.0, |v| {
-            v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
-        });
-        tensors.push(TensorPlan {
-            name,
-            rows,
-            cols,
-            role,
-            pinned: pinned.is_some(),
-            candidates,
-            weights: weight_stats(&w),
-            activation_range: stats.map_or(0.0, |s| s.range()),
-            importance_mean: imp_mean,
-            score: 0.0,
-        });
-        progress(Stage::Measure, k + 1, choosable.len());
-    }
-
-    // The seed's composite score, for `thresholds` and the report. Output sensitivity is the error
-    // at a reference format (q4_g64, or the tensor's middle candidate when that is not allowed).
-    let q4 = format::parse("q4_g64").expect("known format");
-    let last_layer = tensors
-        .iter()
-        .filter_map(|t| layer_of(&t.name))
-        .max()
-        .unwrap_or(0);
-    let inputs: Vec<ScoreInputs> = tensors
-        .iter()
-        .map(|t| ScoreInputs {
-            grad: None,
-            weight_variance: t.weights.variance,
-            activation_range: t.activation_range as f64,
-            output: t
-                .candidates
+    let mut tensors = match measured {
+        Some(t) => {
+            let names: Vec<&str> = choosable
                 .iter()
-                .find(|c| c.format == q4)
-                .unwrap_or(&t.candidates[t.candidates.len() / 2])
-                .error,
-            embedding: t.role == Role::Embeddings,
-            final_layer: t.name == "output.weight" || layer_of(&t.name) == Some(last_layer),
-        })
-        .collect();
-    for (t, s) in tensors.iter_mut().zip(composite_scores(&inputs)) {
-        t.score = s;
+                .map(|&i| planned[i].spec.name.as_str())
+                .collect();
+            if t.len() != names.len() || t.iter().zip(&names).any(|(t, n)| t.name != *n) {
+                return Err(Error::Invalid(
+                    "the saved measurements are of another model's tensors".into(),
+                ));
+            }
+            t
+        }
+        None => {
+            let mut t = measure(
+                source.as_ref(),
+                &calibration,
+                &planned,
+                &choosable,
+                opts,
+                &formats,
+                &mut progress,
+            )?;
+            if let Some((model, tokens)) = kl {
+                apply_kl_rates(&mut t, model, tokens, &mut progress)?;
+            }
+            t
+        }
+    };
+    let measured = tensors.clone();
+    for c in tensors.iter_mut().flat_map(|t| t.candidates.iter_mut()) {
+        c.bytes = cost(c.bytes);
     }
-
     let capacity = match opts.budget {
         None => None,
         Some(b) => {
@@ -463,7 +613,125 @@ pub fn plan_from(
         alignment,
         n_weights,
         calibration,
+        measured,
     })
+}
+
+/// Measures every choosable tensor (`planned[i]` for i in `choosable`) under every allowed format
+/// and scores it. Candidate bytes are the tensor's data bytes, unpadded.
+fn measure(
+    source: &dyn Source,
+    calibration: &Calibration,
+    planned: &[Planned],
+    choosable: &[usize],
+    opts: &Options,
+    formats: &[GgmlType],
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> Result<Vec<TensorPlan>> {
+    let tied = source.tensors().iter().all(|t| t.name != "output.weight");
+    let mut tensors = Vec::with_capacity(choosable.len());
+    for (k, &i) in choosable.iter().enumerate() {
+        let name = planned[i].spec.name.clone();
+        let dims = &planned[i].spec.dims;
+        let cols = dims[0] as usize;
+        let rows = (dims.iter().product::<u64>() / dims[0].max(1)) as usize;
+        let w = source.read_f32(&name)?;
+        let stats = calibration.inputs.get(&name);
+        let importance = stats.map(|s| s.importance());
+        let pinned = first_override(&opts.overrides, &name);
+        let mut fmts: Vec<GgmlType> = match pinned {
+            Some(f) => vec![f],
+            None => formats.to_vec(),
+        };
+        // One candidate per stored type (a format and its twin are the same bytes).
+        let mut seen = std::collections::HashSet::new();
+        fmts.retain(|&f| seen.insert(format::storage_type(f, cols)));
+        let sample = sample_rows(rows, opts.sample_rows);
+        let role = planned[i].role;
+        let errors = |fmts: &[GgmlType], method: Method| -> Result<Vec<FormatError>> {
+            let mut errs =
+                format_errors(&w, rows, cols, importance.as_deref(), fmts, &sample, method)?;
+            if role == Role::Embeddings {
+                // A lookup adds one row's error to the residual stream per token: the mean row
+                // error (unweighted), on top of the output head's error when the head is this one.
+                let lookup = format_errors(&w, rows, cols, None, fmts, &sample, method)?;
+                let with_head = tied && importance.is_some();
+                for (e, l) in errs.iter_mut().zip(&lookup) {
+                    let per_token = l.error / rows as f64;
+                    e.error = if with_head {
+                        e.error + per_token
+                    } else {
+                        per_token
+                    };
+                }
+            }
+            Ok(errs)
+        };
+        let errs = errors(&fmts, opts.method)?;
+        // The error the KL measurement's quantization makes (round-to-nearest at the reference).
+        let reference_error = if opts.kl_tokens > 0 {
+            errors(&[kl_format()], Method::Rtn)?[0].error
+        } else {
+            0.0
+        };
+        let candidates = errs
+            .iter()
+            .map(|e| Candidate {
+                format: e.format,
+                storage: format::storage_type(e.format, cols),
+                bytes: e.bytes,
+                error: e.error,
+            })
+            .collect();
+        let imp_mean = importance.as_ref().map_or(0.0, |v| {
+            v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+        });
+        tensors.push(TensorPlan {
+            name,
+            rows,
+            cols,
+            role,
+            pinned: pinned.is_some(),
+            candidates,
+            weights: weight_stats(&w),
+            activation_range: stats.map_or(0.0, |s| s.range()),
+            importance_mean: imp_mean,
+            score: 0.0,
+            reference_error,
+            kl_rate: 1.0,
+        });
+        progress(Stage::Measure, k + 1, choosable.len());
+    }
+
+    // The seed's composite score, for `thresholds` and the report. Output sensitivity is the error
+    // at a reference format (q4_g64, or the tensor's middle candidate when that is not allowed).
+    let q4 = format::parse("q4_g64").expect("known format");
+    let last_layer = tensors
+        .iter()
+        .filter_map(|t| layer_of(&t.name))
+        .max()
+        .unwrap_or(0);
+    let inputs: Vec<ScoreInputs> = tensors
+        .iter()
+        .map(|t| ScoreInputs {
+            grad: None,
+            weight_variance: t.weights.variance,
+            activation_range: t.activation_range as f64,
+            output: t
+                .candidates
+                .iter()
+                .find(|c| c.format == q4)
+                .unwrap_or(&t.candidates[t.candidates.len() / 2])
+                .error,
+            embedding: t.role == Role::Embeddings,
+            final_layer: t.name == "output.weight" || layer_of(&t.name) == Some(last_layer),
+        })
+        .collect();
+    for (t, s) in tensors.iter_mut().zip(composite_scores(&inputs)) {
+        t.score = s;
+    }
+
+    Ok(tensors)
 }
 
 /// The block index of `blk.N.…` names.

@@ -26,6 +26,8 @@ pub struct TensorRow {
     pub weight_outliers: f64,
     pub activation_range: f32,
     pub importance_mean: f64,
+    /// Nats of KL per unit of output error for the tensor's group (1 when not measured).
+    pub kl_rate: f64,
     pub pinned: bool,
 }
 
@@ -92,6 +94,7 @@ impl QuantizeReport {
                     weight_outliers: t.weights.outliers,
                     activation_range: t.activation_range,
                     importance_mean: t.importance_mean,
+                    kl_rate: t.kl_rate,
                     pinned: t.pinned,
                 }
             })

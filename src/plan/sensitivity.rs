@@ -9,7 +9,7 @@
 use crate::error::Result;
 use crate::quant::dequant::dequantize_row;
 use crate::quant::format::storage_type;
-use crate::quant::quantize::{quantize_row, Options};
+use crate::quant::quantize::{quantize_row, Method, Options};
 use crate::quant::GgmlType;
 
 /// Predicted output error and stored size of one tensor under one format.
@@ -39,12 +39,10 @@ pub fn format_errors(
     importance: Option<&[f32]>,
     formats: &[GgmlType],
     sample: &[usize],
+    method: Method,
 ) -> Result<Vec<FormatError>> {
     let scale = rows as f64 / sample.len().max(1) as f64;
-    let opts = Options {
-        importance,
-        ..Options::default()
-    };
+    let opts = Options { importance, method };
     use rayon::prelude::*;
     formats
         .par_iter()
@@ -73,7 +71,7 @@ pub fn format_errors(
 }
 
 /// Statistics of a weight matrix: the seed's "weight variance" and how heavy its tails are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WeightStats {
     pub variance: f64,
     pub max_abs: f32,
@@ -153,15 +151,25 @@ mod tests {
             .map(|n| format::parse(n).unwrap())
             .collect();
         let all = sample_rows(rows, 1000);
-        let e = format_errors(&w, rows, cols, None, &fmts, &all).unwrap();
+        let e = format_errors(&w, rows, cols, None, &fmts, &all, Method::Search).unwrap();
         assert!(e[0].error > e[1].error && e[1].error > e[2].error);
         assert!(e[0].bytes < e[1].bytes && e[1].bytes < e[2].bytes);
         // A sample predicts the whole within a factor.
-        let part = format_errors(&w, rows, cols, None, &fmts, &sample_rows(rows, 10)).unwrap();
+        let part = format_errors(
+            &w,
+            rows,
+            cols,
+            None,
+            &fmts,
+            &sample_rows(rows, 10),
+            Method::Search,
+        )
+        .unwrap();
         assert!((part[1].error / e[1].error - 1.0).abs() < 0.5);
         // Columns that never see input cost nothing.
         let imp: Vec<f32> = (0..cols).map(|j| if j < 48 { 1.0 } else { 0.0 }).collect();
-        let weighted = format_errors(&w, rows, cols, Some(&imp), &fmts, &all).unwrap();
+        let weighted =
+            format_errors(&w, rows, cols, Some(&imp), &fmts, &all, Method::Search).unwrap();
         assert!(weighted[1].error < e[1].error);
     }
 

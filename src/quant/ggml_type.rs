@@ -225,3 +225,17 @@ impl std::fmt::Display for GgmlType {
         f.write_str(self.name())
     }
 }
+
+/// Serialized by the name users type (`q3_g64`, `q8_0`), which [`super::format::parse`] reads back.
+impl serde::Serialize for GgmlType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name().to_ascii_lowercase())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GgmlType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        super::format::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
