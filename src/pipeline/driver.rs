@@ -1,0 +1,179 @@
+//! Stage 0, which drives a pipeline: it embeds the tokens and runs the first layers one
+//! micro-batch at a time, sending each on as soon as it is done (so the stages work on different
+//! micro-batches at once), then waits for the last stage's logits. Perplexity and generation see
+//! it as a model: [`LogitsEval`] and [`crate::infer::generate::Forward`].
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::stage::StageStats;
+use super::transport::{Header, Message, Transport};
+use crate::error::{Error, Result};
+use crate::eval::perplexity::LogitsEval;
+use crate::model::{Batch, Logits, Model, State};
+
+pub struct Driver<'m, T: Transport> {
+    model: &'m Model,
+    t: T,
+    state: State,
+    hidden: Vec<f32>,
+    n_micro: usize,
+    /// Logits of the last request (`Model::forward`'s layout).
+    pub logits: Vec<f32>,
+    stats: StageStats,
+}
+
+impl<'m, T: Transport> Driver<'m, T> {
+    /// Stage 0 of `t.n_stages()`, running `layers` (which start at 0) with room for `n_ctx`
+    /// positions, splitting each request into up to `n_micro` micro-batches.
+    pub fn new(
+        model: &'m Model,
+        t: T,
+        layers: Range<usize>,
+        n_ctx: usize,
+        n_micro: usize,
+    ) -> Result<Self> {
+        if t.stage() != 0 {
+            return Err(Error::Invalid(format!(
+                "stage {} cannot drive the pipeline: stage 0 does",
+                t.stage()
+            )));
+        }
+        if n_micro == 0 {
+            return Err(Error::Invalid("--micro-batches must be at least 1".into()));
+        }
+        Ok(Driver {
+            model,
+            state: State::for_layers(model, n_ctx, layers)?,
+            t,
+            hidden: Vec::new(),
+            n_micro,
+            logits: Vec::new(),
+            stats: StageStats::default(),
+        })
+    }
+
+    /// Positions in the pipeline's caches.
+    pub fn pos(&self) -> usize {
+        self.state.pos
+    }
+
+    /// Runs `tokens` through every stage at positions `pos()..` (from 0 when `reset`), in up to
+    /// `n_micro` micro-batches; leaves the logits `want` asks for in `self.logits`.
+    pub fn forward(&mut self, tokens: &[u32], reset: bool, want: Logits) -> Result<()> {
+        if reset {
+            self.state.reset();
+        }
+        self.logits.clear();
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if self.state.pos + n > self.state.kv.capacity {
+            return Err(Error::Invalid(format!(
+                "context full: {} positions + {n} tokens exceed the context of {}",
+                self.state.pos, self.state.kv.capacity
+            )));
+        }
+        let n_stages = self.t.n_stages();
+        let m = self.n_micro.min(n);
+        let mut start = 0;
+        for i in 0..m {
+            let len = n / m + usize::from(i < n % m);
+            let piece = &tokens[start..start + len];
+            start += len;
+            let last_piece = i + 1 == m;
+            let header = Header {
+                n_tokens: len,
+                reset: reset && i == 0,
+                want: match want {
+                    Logits::All => Logits::All,
+                    Logits::Last if last_piece => Logits::Last,
+                    _ => Logits::None,
+                },
+                reply: last_piece,
+            };
+            let t0 = Instant::now();
+            self.model.forward_stage(
+                &mut self.state,
+                Batch::Tokens(piece),
+                header.want,
+                &mut self.hidden,
+            )?;
+            self.stats.busy += t0.elapsed();
+            self.stats.micro_batches += 1;
+            if n_stages == 1 {
+                self.logits.extend_from_slice(&self.state.logits);
+            } else {
+                let hidden = std::mem::take(&mut self.hidden);
+                self.t.send(1, Message::Forward { header, hidden })?;
+            }
+        }
+        if n_stages > 1 {
+            match self.t.recv(n_stages - 1)? {
+                Message::Logits(l) => self.logits = l,
+                other => {
+                    return Err(Error::Model(format!(
+                        "stage 0 expected logits from the last stage, got {}",
+                        match other {
+                            Message::Forward { .. } => "hidden states",
+                            Message::Stop => "a stop",
+                            Message::Logits(_) => "logits",
+                        }
+                    )))
+                }
+            }
+        }
+        let rows = match want {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => n,
+        };
+        if self.logits.len() != rows * self.model.config.n_vocab {
+            return Err(Error::Model(format!(
+                "the last stage sent {} logits, expected {rows} rows of {}",
+                self.logits.len(),
+                self.model.config.n_vocab
+            )));
+        }
+        Ok(())
+    }
+
+    /// Tells the other stages to end; returns this stage's statistics.
+    pub fn finish(mut self) -> Result<StageStats> {
+        if self.t.n_stages() > 1 {
+            self.t.send(1, Message::Stop)?;
+        }
+        Ok(self.stats)
+    }
+
+    /// Time this stage has spent computing.
+    pub fn busy(&self) -> Duration {
+        self.stats.busy
+    }
+}
+
+impl<T: Transport> LogitsEval for Driver<'_, T> {
+    fn n_vocab(&self) -> usize {
+        self.model.config.n_vocab
+    }
+
+    fn eval_chunk(&mut self, tokens: &[u32], logits: &mut Vec<f32>) -> Result<()> {
+        self.forward(tokens, true, Logits::All)?;
+        std::mem::swap(logits, &mut self.logits);
+        Ok(())
+    }
+}
+
+impl<T: Transport> crate::infer::generate::Forward for Driver<'_, T> {
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<()> {
+        let reset = self.pos() == 0;
+        self.forward(tokens, reset, Logits::Last)
+    }
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+    fn pos(&self) -> usize {
+        self.pos()
+    }
+}
