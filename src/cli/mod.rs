@@ -6,6 +6,7 @@ mod export;
 mod inspect;
 mod perplexity;
 mod run;
+mod stages;
 
 use std::process::ExitCode;
 
