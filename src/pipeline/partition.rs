@@ -387,6 +387,11 @@ pub fn partition(
     }
 }
 
+/// The smallest number of stages whose every stage fits `limit` bytes, if any does.
+pub fn smallest_fitting(costs: &Costs, shape: &RunShape, limit: u64) -> Option<usize> {
+    (1..=costs.n_layer()).find(|&n| best_split(costs, shape, n, Some(limit)).is_some())
+}
+
 /// Dynamic programme over (stages used, layers covered): the split with the smallest maximum
 /// stage cost among those that fit the memory limit; ties go to the earliest boundaries.
 fn best_split(

@@ -51,6 +51,13 @@ impl Mpi {
         self.world.abort(code)
     }
 
+    /// Blocks until another rank aborts the job (a barrier that rank never joins).
+    pub fn wait_for_abort(&self) -> ! {
+        self.world.barrier();
+        self.world.barrier();
+        self.abort(1)
+    }
+
     /// The transport of this rank's stage.
     pub fn transport(&self) -> MpiTransport<'_> {
         MpiTransport { world: &self.world }
