@@ -64,7 +64,7 @@ impl<'m, T: Transport> Driver<'m, T> {
         if reset {
             self.state.reset();
         }
-        self.logits.clear();
+        self.logits = Vec::new();
         let n = tokens.len();
         if n == 0 {
             return Ok(());
@@ -159,6 +159,9 @@ impl<T: Transport> LogitsEval for Driver<'_, T> {
     }
 
     fn eval_chunk(&mut self, tokens: &[u32], logits: &mut Vec<f32>) -> Result<()> {
+        // A chunk's logits are large (512 x 49152 floats = 96 MiB): free the caller's previous
+        // buffer and ours before the next arrives, so that one is alive at a time, not three.
+        *logits = Vec::new();
         self.forward(tokens, true, Logits::All)?;
         std::mem::swap(logits, &mut self.logits);
         Ok(())

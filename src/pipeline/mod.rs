@@ -172,6 +172,17 @@ fn run_mpi<R>(
             Ok(None)
         }
     })();
+    if result.is_ok() {
+        // Each rank's resident memory against its stage's weights: the evidence that a rank
+        // touches only its own tensors of the mapped file.
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!(
+            "rank {rank}: layers {}-{}, peak RSS {:.1} MiB",
+            ranges[rank].start,
+            ranges[rank].end - 1,
+            mib(crate::eval::bench::peak_rss_bytes().unwrap_or(0))
+        );
+    }
     match result {
         Ok(v) => Ok(v),
         Err(_) if mismatch && rank != 0 => {

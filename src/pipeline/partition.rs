@@ -362,8 +362,7 @@ pub fn partition(
         None => {
             let limit = memory_per_worker.unwrap_or(u64::MAX);
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
-            let smallest =
-                (1..=n_layer).find(|&n| best_split(costs, shape, n, memory_per_worker).is_some());
+            let smallest = smallest_fitting(costs, shape, limit);
             Err(Error::Invalid(match smallest {
                 Some(k) => format!(
                     "{n_stages} stages do not fit {:.1} MiB per worker; the smallest number of \
@@ -371,15 +370,15 @@ pub fn partition(
                     mib(limit)
                 ),
                 None => {
-                    let one = plan_for(costs, shape, &[0..1, 1..n_layer]).ok();
-                    let need = one
-                        .map(|p| p.stages.iter().map(|s| s.peak_bytes).min().unwrap_or(0))
-                        .unwrap_or(0);
+                    // Both ends exist in any plan of 2 or more stages: the larger of the first
+                    // stage with one layer and the last with one layer bounds every plan.
+                    let first = stage(costs, shape, 0..1, true, n_layer == 1);
+                    let last = stage(costs, shape, n_layer - 1..n_layer, n_layer == 1, true);
                     format!(
-                        "no number of stages fits {:.1} MiB per worker (the embeddings or the \
-                         output head with one layer already need about {:.1} MiB)",
+                        "no number of stages fits {:.1} MiB per worker (the first or last stage \
+                         with a single layer already needs about {:.1} MiB)",
                         mib(limit),
-                        mib(need)
+                        mib(first.peak_bytes.max(last.peak_bytes))
                     )
                 }
             }))
