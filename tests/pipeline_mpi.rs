@@ -105,10 +105,37 @@ fn two_and_three_ranks_equal_one_worker() {
     for n in [2, 3] {
         let args = ppl_args(n);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let got = json_ppl(&mpirun(n, &[], &args));
+        let out = mpirun(n, &[], &args);
+        let got = json_ppl(&out);
         eprintln!("{n} ranks: {got} (one worker {want})");
         assert_close(got, want);
+        if n == 3 {
+            middle_rank_holds_only_its_stage(&String::from_utf8_lossy(&out.stderr));
+        }
     }
+}
+
+/// The middle rank of 3 (no embeddings, no head, no logits) stays within its stage's weight bytes
+/// + 64 MiB: it touched only its own tensors of the mapped file.
+fn middle_rank_holds_only_its_stage(stderr: &str) {
+    use pare::pipeline::partition::{partition, Costs, RunShape};
+    let model = pare::model::Model::load(common::real_model()).unwrap();
+    let ctx: usize = CTX.parse().unwrap();
+    let shape = RunShape::new(&model, ctx, ctx, ctx);
+    let plan = partition(&Costs::estimate(&model), &shape, 3, None).unwrap();
+    let weights = plan.stages[1].weight_bytes as f64 / (1 << 20) as f64;
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("rank 1: layers"))
+        .unwrap_or_else(|| panic!("no RSS line for rank 1 in {stderr}"));
+    let rss: f64 = line
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable RSS line {line:?}"));
+    eprintln!("rank 1: peak RSS {rss} MiB, stage weights {weights:.2} MiB");
+    assert!(rss <= weights + 64.0, "{line}: weights {weights:.2} MiB");
 }
 
 #[test]

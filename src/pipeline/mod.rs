@@ -176,12 +176,14 @@ fn run_mpi<R>(
         // Each rank's resident memory against its stage's weights: the evidence that a rank
         // touches only its own tensors of the mapped file.
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        eprintln!(
-            "rank {rank}: layers {}-{}, peak RSS {:.1} MiB",
+        // One write per line, so the ranks' lines do not interleave mid-line.
+        let line = format!(
+            "rank {rank}: layers {}-{}, peak RSS {:.1} MiB\n",
             ranges[rank].start,
             ranges[rank].end - 1,
             mib(crate::eval::bench::peak_rss_bytes().unwrap_or(0))
         );
+        eprint!("{line}");
     }
     match result {
         Ok(v) => Ok(v),
@@ -190,7 +192,8 @@ fn run_mpi<R>(
             mpi.wait_for_abort()
         }
         Err(e) => {
-            eprintln!("error: MPI rank {rank} of {size}: {e}");
+            let line = format!("error: MPI rank {rank} of {size}: {e}\n");
+            eprint!("{line}");
             mpi.abort(1)
         }
     }
