@@ -6,6 +6,7 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use super::schedule::{forward_only, Step};
 use super::stage::StageStats;
 use super::transport::{Header, Message, Transport};
 use crate::error::{Error, Result};
@@ -77,11 +78,17 @@ impl<'m, T: Transport> Driver<'m, T> {
         }
         let n_stages = self.t.n_stages();
         let m = self.n_micro.min(n);
-        let mut start = 0;
-        for i in 0..m {
-            let len = n / m + usize::from(i < n % m);
-            let piece = &tokens[start..start + len];
-            start += len;
+        // Stage 0's steps of the forward-only schedule: micro-batch i holds positions
+        // starts[i]..starts[i + 1] (sizes differing by at most one).
+        let starts: Vec<usize> = (0..=m).map(|i| i * (n / m) + i.min(n % m)).collect();
+        for step in &forward_only(n_stages, m)[0] {
+            let Step::Forward(i) = *step else {
+                return Err(Error::Model(
+                    "a forward-only schedule has a backward step".into(),
+                ));
+            };
+            let len = starts[i + 1] - starts[i];
+            let piece = &tokens[starts[i]..starts[i + 1]];
             let last_piece = i + 1 == m;
             let header = Header {
                 n_tokens: len,
