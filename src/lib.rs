@@ -13,6 +13,7 @@ pub mod format;
 pub mod infer;
 pub mod model;
 pub mod parallel;
+pub mod pipeline;
 pub mod plan;
 pub mod plot;
 pub mod quant;

@@ -5,6 +5,10 @@
 //! the workers spin on an epoch counter between loops and only sleep after about a millisecond
 //! without work. The calling thread takes part in every loop. `set_threads` sizes the pool once
 //! (the CLI's `-t`); by default it has one thread per core.
+//!
+//! Pipeline stages that run as threads of one process each need their own share of the cores, not
+//! a turn on the one global pool (which runs one loop at a time): [`with_threads`] gives the
+//! calling thread a private pool of its own size for the duration of a closure.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
@@ -30,6 +34,8 @@ struct Shared {
     /// One loop at a time (callers from several threads queue here).
     caller: Mutex<()>,
     workers: usize,
+    /// Set (with an epoch bump) when a private pool ends: its workers exit.
+    shutdown: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: `job` is written only by the thread holding `caller`, before the epoch is bumped
@@ -38,6 +44,11 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 static POOL: OnceLock<&'static Shared> = OnceLock::new();
+
+thread_local! {
+    /// The private pool of this thread, set by [`with_threads`].
+    static LOCAL: std::cell::Cell<Option<&'static Shared>> = const { std::cell::Cell::new(None) };
+}
 static REQUESTED: AtomicUsize = AtomicUsize::new(0);
 
 const SPIN: Duration = Duration::from_millis(2);
@@ -56,12 +67,43 @@ pub fn threads() -> usize {
     pool().workers + 1
 }
 
+/// Runs `f` with this thread's parallel loops on a private pool of `n` threads (this one
+/// included; `n = 1` runs them inline), whose workers exit when `f` returns.
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    let shared = spawn_pool(n.max(1));
+    let previous = LOCAL.replace(Some(shared));
+    struct Restore(Option<&'static Shared>, &'static Shared);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LOCAL.set(self.0);
+            let s = self.1;
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.shutdown.store(true, SeqCst);
+            s.epoch.fetch_add(1, SeqCst);
+            s.wake.notify_all();
+        }
+    }
+    let _restore = Restore(previous, shared);
+    f()
+}
+
 fn pool() -> &'static Shared {
+    if let Some(local) = LOCAL.get() {
+        return local;
+    }
     POOL.get_or_init(|| {
         let n = match REQUESTED.load(SeqCst) {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        spawn_pool(n)
+    })
+}
+
+/// A pool of `n` threads (the caller counts as one). Its few bytes are leaked: the global pool
+/// lives for the process, and a private one is made once per pipeline run.
+fn spawn_pool(n: usize) -> &'static Shared {
+    {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             epoch: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
@@ -73,6 +115,7 @@ fn pool() -> &'static Shared {
             wake: Condvar::new(),
             caller: Mutex::new(()),
             workers: n - 1,
+            shutdown: std::sync::atomic::AtomicBool::new(false),
         }));
         for i in 0..n - 1 {
             std::thread::Builder::new()
@@ -81,7 +124,7 @@ fn pool() -> &'static Shared {
                 .expect("spawning a worker thread");
         }
         shared
-    })
+    }
 }
 
 fn worker(s: &'static Shared) {
@@ -91,6 +134,9 @@ fn worker(s: &'static Shared) {
         let mut spins = 0u32;
         loop {
             let e = s.epoch.load(Acquire);
+            if s.shutdown.load(Acquire) {
+                return;
+            }
             if e != seen {
                 seen = e;
                 break;
@@ -246,5 +292,26 @@ mod tests {
             n.fetch_add(1, Relaxed);
         });
         assert_eq!(n.load(Relaxed), 10);
+    }
+
+    #[test]
+    fn private_pools_have_their_size_and_run_every_index() {
+        std::thread::scope(|sc| {
+            for n in [1usize, 2, 3] {
+                sc.spawn(move || {
+                    for _ in 0..3 {
+                        with_threads(n, || {
+                            assert_eq!(threads(), n);
+                            let hits: Vec<AtomicUsize> =
+                                (0..257).map(|_| AtomicUsize::new(0)).collect();
+                            for_each(257, &|i| {
+                                hits[i].fetch_add(1, Relaxed);
+                            });
+                            assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+                        });
+                    }
+                });
+            }
+        });
     }
 }

@@ -7,6 +7,7 @@ mod inspect;
 mod perplexity;
 mod quantize;
 mod run;
+mod stages;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use pare::eval::kl;
 use pare::eval::model_eval::ModelEval;
-use pare::eval::perplexity::{perplexity, read_text, PerplexityOptions};
+use pare::eval::perplexity::{perplexity, read_text, LogitsEval, PerplexityOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,6 +25,8 @@ pub struct Args {
     /// Print one JSON object as the last line on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    stages: super::stages::StageArgs,
 }
 
 fn progress(n: usize) -> ProgressBar {
@@ -37,8 +39,26 @@ fn progress(n: usize) -> ProgressBar {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let text = read_text(&a.file)?;
     let model = a.common.load()?;
+    if !a.stages.active() {
+        let mut eval = ModelEval::new(&model, a.ctx)?;
+        return evaluate(&a, &model, &mut eval);
+    }
+    let plan = a.stages.plan(&model, a.ctx, a.ctx)?;
+    // Under MPI only rank 0 reads the text and prints; an error there stops the pipeline cleanly.
+    match pare::pipeline::run(&model, &plan, a.ctx, a.stages.micro_batches, |d| {
+        Ok(evaluate(&a, &model, d))
+    })? {
+        Some((r, stats)) => {
+            super::stages::report(&stats, plan.stages.len());
+            r
+        }
+        None => Ok(()),
+    }
+}
+
+fn evaluate(a: &Args, model: &pare::model::Model, eval: &mut dyn LogitsEval) -> anyhow::Result<()> {
+    let text = read_text(&a.file)?;
     let tok = model.tokenizer()?;
     // As llama-perplexity: BOS first (and at each chunk's start) only when the model adds BOS.
     let tokens = tok.encode(&text, true, false)?;
@@ -55,10 +75,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.ctx,
         pare::parallel::threads()
     );
-    let mut eval = ModelEval::new(&model, a.ctx)?;
     let pb = progress(n_chunks);
     let summary = if let Some(base) = &a.kl_base {
-        let s = kl::compare(&mut eval, &tokens, &opts, base, |p| {
+        let s = kl::compare(eval, &tokens, &opts, base, |p| {
             pb.set_position(p.done as u64);
             pb.set_message(format!("ppl {:.4} kld {:.5}", p.ppl_new, p.kld_mean));
         })?;
@@ -88,8 +107,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             pb.suspend(|| eprint!("[{}]{:.4},", p.done, p.ppl));
         };
         let r = match &a.kl_base_out {
-            Some(out) => kl::save_base(&mut eval, &tokens, &opts, out, on_chunk)?,
-            None => perplexity(&mut eval, &tokens, &opts, on_chunk)?,
+            Some(out) => kl::save_base(eval, &tokens, &opts, out, on_chunk)?,
+            None => perplexity(eval, &tokens, &opts, on_chunk)?,
         };
         pb.finish_and_clear();
         eprintln!();

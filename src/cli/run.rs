@@ -1,7 +1,7 @@
 use std::io::Write;
 
 use pare::format::chat_template::Message;
-use pare::infer::generate::{generate, GenerateOptions};
+use pare::infer::generate::{context_size, generate, generate_on, GenerateOptions};
 use pare::infer::sampling::SamplingParams;
 
 #[derive(clap::Args)]
@@ -53,6 +53,8 @@ pub struct Args {
     /// Do not print timings to stderr.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    stages: super::stages::StageArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -95,13 +97,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         n_ctx: a.ctx_size,
     };
-    let mut out = std::io::stdout().lock();
-    let (_, stats) = generate(&model, &tok, &prompt, &opts, |piece| {
+    let print = |piece: &str| {
+        let mut out = std::io::stdout().lock();
         out.write_all(piece.as_bytes())
             .and_then(|_| out.flush())
             .map_err(|e| pare::Error::io("stdout", e))
-    })?;
-    writeln!(out)?;
+    };
+    let stats = if a.stages.active() {
+        // Every rank tokenizes the prompt (cheap) so that all size their caches alike; rank 0
+        // generates and prints.
+        let n_ctx = context_size(&model, &prompt, &opts);
+        let plan = a.stages.plan(&model, n_ctx, 1)?;
+        let micro = a.stages.micro_batches;
+        match pare::pipeline::run(&model, &plan, n_ctx, micro, |d| {
+            generate_on(d, n_ctx, &tok, &prompt, &opts, print)
+        })? {
+            Some(((_, stats), run)) => {
+                super::stages::report(&run, plan.stages.len());
+                stats
+            }
+            None => return Ok(()),
+        }
+    } else {
+        generate(&model, &tok, &prompt, &opts, print)?.1
+    };
+    writeln!(std::io::stdout())?;
     if !a.quiet {
         eprintln!(
             "\nprompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | stop: {:?} | peak RSS {:.1} MiB",

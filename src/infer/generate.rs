@@ -49,10 +49,65 @@ impl GenerateStats {
     }
 }
 
+/// What generation runs the model on: a [`State`] in this process, or a pipeline of stages.
+pub trait Forward {
+    /// Runs `tokens` after the positions already cached, leaving the last one's logits.
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<()>;
+    /// The logits of the last position run.
+    fn logits(&self) -> &[f32];
+    /// Positions cached.
+    fn pos(&self) -> usize;
+}
+
+struct Local<'a> {
+    model: &'a Model,
+    state: State,
+}
+
+impl Forward for Local<'_> {
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<()> {
+        self.model.forward(&mut self.state, tokens, Logits::Last)
+    }
+    fn logits(&self) -> &[f32] {
+        &self.state.logits
+    }
+    fn pos(&self) -> usize {
+        self.state.pos
+    }
+}
+
+/// The context a generation needs: `opts.n_ctx`, else prompt + n_predict capped at the model's
+/// training context; never less than the prompt.
+pub fn context_size(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> usize {
+    opts.n_ctx
+        .unwrap_or_else(|| (prompt.len() + opts.n_predict).min(model.config.n_ctx_train))
+        .max(prompt.len())
+}
+
 /// Generates from `prompt` (token ids), calling `on_text` with each piece of text as it becomes
 /// final. Returns the generated ids (the end-of-generation token excluded) and statistics.
 pub fn generate(
     model: &Model,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_text: impl FnMut(&str) -> Result<()>,
+) -> Result<(Vec<u32>, GenerateStats)> {
+    if prompt.is_empty() {
+        return Err(Error::Invalid("the prompt is empty".into()));
+    }
+    let n_ctx = context_size(model, prompt, opts);
+    let mut local = Local {
+        model,
+        state: State::new(model, n_ctx)?,
+    };
+    generate_on(&mut local, n_ctx, tok, prompt, opts, on_text)
+}
+
+/// [`generate`] on any [`Forward`] (a pipeline of stages) whose caches hold `n_ctx` positions.
+pub fn generate_on(
+    state: &mut dyn Forward,
+    n_ctx: usize,
     tok: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
@@ -61,18 +116,13 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty".into()));
     }
-    let n_ctx = opts
-        .n_ctx
-        .unwrap_or_else(|| (prompt.len() + opts.n_predict).min(model.config.n_ctx_train))
-        .max(prompt.len());
     let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let mut state = State::new(model, n_ctx)?;
     let mut history: Vec<u32> = prompt.to_vec();
     let mut stream = tok.stream_decoder();
     let mut stops = StopMatcher::new(opts.stop.iter().cloned());
 
     let t0 = Instant::now();
-    model.forward(&mut state, prompt, Logits::Last)?;
+    state.forward_last(prompt)?;
     let prompt_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
@@ -81,7 +131,7 @@ pub fn generate(
         if generated.len() >= opts.n_predict {
             break StopReason::Length;
         }
-        let next = sampler.sample(&state.logits, &history);
+        let next = sampler.sample(state.logits(), &history);
         if tok.is_eog(next) {
             break StopReason::EndOfGeneration;
         }
@@ -95,10 +145,10 @@ pub fn generate(
         if generated.len() >= opts.n_predict {
             break StopReason::Length;
         }
-        if state.pos >= n_ctx {
+        if state.pos() >= n_ctx {
             break StopReason::ContextFull;
         }
-        model.forward(&mut state, &[next], Logits::Last)?;
+        state.forward_last(&[next])?;
     };
     if reason != StopReason::StopString {
         let tail = stops.push(&stream.finish());

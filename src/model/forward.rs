@@ -1,6 +1,7 @@
 //! The forward pass over preallocated buffers: a batch of tokens at consecutive positions goes
 //! through every layer, appending to the KV cache; logits come out for the positions asked for.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::config::Config;
@@ -76,14 +77,36 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    fn n_bytes(&self) -> usize {
+        let f = [
+            &self.x, &self.xn, &self.q, &self.k, &self.v, &self.att, &self.o, &self.gate, &self.up,
+            &self.cos, &self.sin,
+        ];
+        f.iter().map(|v| v.len() * 4).sum()
+    }
+}
+
+/// Bytes of the scratch buffers a state for `n_ctx` positions holds (for memory estimates), plus
+/// the 8-bit activations at their largest (about 1.25 bytes per value of the widest input).
+pub fn scratch_bytes(c: &Config, n_ctx: usize) -> usize {
+    let n = MAX_UBATCH.min(n_ctx.max(1));
+    Scratch::new(c, n).n_bytes() + n * c.n_ff.max(c.q_dim()) * 5 / 4
+}
+
 impl State {
     /// A fresh state that holds up to `n_ctx` positions.
     pub fn new(model: &Model, n_ctx: usize) -> Result<State> {
+        Self::for_layers(model, n_ctx, 0..model.config.n_layer)
+    }
+
+    /// A state for a pipeline stage that runs only `layers` (and keeps only their KV cache).
+    pub fn for_layers(model: &Model, n_ctx: usize, layers: Range<usize>) -> Result<State> {
         if n_ctx == 0 {
             return Err(Error::Invalid("context size must be at least 1".into()));
         }
         Ok(State {
-            kv: KvCache::new(&model.config, n_ctx)?,
+            kv: KvCache::for_layers(&model.config, n_ctx, layers)?,
             pos: 0,
             s: Scratch::new(&model.config, MAX_UBATCH.min(n_ctx)),
             logits: Vec::new(),
@@ -97,72 +120,166 @@ impl State {
     }
 }
 
+/// The input of a forward pass: token ids (embedded first), or the hidden states (`n × n_embd`)
+/// that the previous pipeline stage produced.
+#[derive(Debug, Clone, Copy)]
+pub enum Batch<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+impl Batch<'_> {
+    fn len(&self, n_embd: usize) -> usize {
+        match self {
+            Batch::Tokens(t) => t.len(),
+            Batch::Hidden(h) => h.len() / n_embd,
+        }
+    }
+
+    fn slice(&self, rows: Range<usize>, n_embd: usize) -> Self {
+        match self {
+            Batch::Tokens(t) => Batch::Tokens(&t[rows]),
+            Batch::Hidden(h) => Batch::Hidden(&h[rows.start * n_embd..rows.end * n_embd]),
+        }
+    }
+}
+
 impl Model {
     /// Runs `tokens` at positions `state.pos..`, appends them to the cache, and leaves the
     /// requested logits in `state.logits` (`Last`: one row; `All`: one row per token).
     pub fn forward(&self, state: &mut State, tokens: &[u32], want: Logits) -> Result<()> {
+        if state.kv.layers() != (0..self.config.n_layer) {
+            return Err(Error::Invalid(format!(
+                "this state holds layers {:?} of {}: run it with forward_stage",
+                state.kv.layers(),
+                self.config.n_layer
+            )));
+        }
+        self.run(state, Batch::Tokens(tokens), want, None)
+    }
+
+    /// Runs one pipeline stage: the layers of `state` on `batch` at positions `state.pos..`. A
+    /// stage that ends with the model's last layer also applies the output head and leaves the
+    /// requested logits in `state.logits`; any other stage writes the hidden states of every
+    /// position to `hidden` (`n × n_embd`) for the next stage. Token input is embedded first.
+    pub fn forward_stage(
+        &self,
+        state: &mut State,
+        batch: Batch<'_>,
+        want: Logits,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
+        if let Batch::Hidden(h) = batch {
+            if !h.len().is_multiple_of(self.config.n_embd) {
+                return Err(Error::Invalid(format!(
+                    "{} hidden values are not whole rows of {}",
+                    h.len(),
+                    self.config.n_embd
+                )));
+            }
+        }
+        let last = state.kv.layers().end == self.config.n_layer;
+        self.run(state, batch, want, (!last).then_some(hidden))
+    }
+
+    /// The one forward loop behind [`Model::forward`] and [`Model::forward_stage`]: hidden states
+    /// go to `hidden` when given, else through the output head.
+    fn run(
+        &self,
+        state: &mut State,
+        batch: Batch<'_>,
+        want: Logits,
+        mut hidden: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
         let c = &self.config;
-        if state.pos + tokens.len() > state.kv.capacity {
+        let n = batch.len(c.n_embd);
+        if state.pos + n > state.kv.capacity {
             return Err(Error::Invalid(format!(
                 "context full: {} positions + {} tokens exceed the context of {}",
-                state.pos,
-                tokens.len(),
-                state.kv.capacity
+                state.pos, n, state.kv.capacity
             )));
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(Error::Invalid(format!(
-                "token id {t} is outside the vocabulary of {}",
-                c.n_vocab
-            )));
+        if let Batch::Tokens(tokens) = batch {
+            if state.kv.layers().start != 0 {
+                return Err(Error::Invalid(format!(
+                    "token ids go to the stage that starts at layer 0, not {}",
+                    state.kv.layers().start
+                )));
+            }
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+                return Err(Error::Invalid(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    c.n_vocab
+                )));
+            }
         }
+        let want = if hidden.is_some() { Logits::None } else { want };
         let n_out = match want {
             Logits::None => 0,
-            Logits::Last => usize::from(!tokens.is_empty()),
-            Logits::All => tokens.len(),
+            Logits::Last => usize::from(n > 0),
+            Logits::All => n,
         };
         state.logits.resize(n_out * c.n_vocab, 0.0);
+        if let Some(h) = hidden.as_deref_mut() {
+            h.resize(n * c.n_embd, 0.0);
+        }
         let ub = state.s.x.len() / c.n_embd;
         let mut done = 0;
-        for chunk in tokens.chunks(ub) {
-            let last_chunk = done + chunk.len() == tokens.len();
+        while done < n {
+            let len = ub.min(n - done);
+            let last_chunk = done + len == n;
             let rows = match want {
                 Logits::None => 0..0,
-                Logits::Last if last_chunk => chunk.len() - 1..chunk.len(),
+                Logits::Last if last_chunk => len - 1..len,
                 Logits::Last => 0..0,
-                Logits::All => 0..chunk.len(),
+                Logits::All => 0..len,
             };
             let out_off = match want {
                 Logits::All => done * c.n_vocab,
                 _ => 0,
             };
-            self.forward_ubatch(state, chunk, rows, out_off)?;
-            done += chunk.len();
+            self.forward_ubatch(
+                state,
+                batch.slice(done..done + len, c.n_embd),
+                rows,
+                out_off,
+            )?;
+            if let Some(h) = hidden.as_deref_mut() {
+                let d = c.n_embd;
+                h[done * d..(done + len) * d].copy_from_slice(&state.s.x[..len * d]);
+            }
+            done += len;
         }
         Ok(())
     }
 
-    /// One micro-batch through all layers; logits for `rows` of it go to `state.logits[out_off..]`.
+    /// One micro-batch through the state's layers; logits for `rows` of it go to
+    /// `state.logits[out_off..]`.
     fn forward_ubatch(
         &self,
         st: &mut State,
-        tokens: &[u32],
-        rows: std::ops::Range<usize>,
+        batch: Batch<'_>,
+        rows: Range<usize>,
         out_off: usize,
     ) -> Result<()> {
         let c = &self.config;
         let w = &self.weights;
-        let n = tokens.len();
         let (d, hd) = (c.n_embd, c.head_dim);
+        let n = batch.len(d);
         let p0 = st.pos;
         let exact = self.exact_activations;
         let obs = st.observer.clone();
         let obs = obs.as_deref();
         let s = &mut st.s;
 
-        for (t, &tok) in tokens.iter().enumerate() {
-            w.token_embd
-                .dequantize_row(tok as usize, &mut s.x[t * d..(t + 1) * d])?;
+        if let Batch::Hidden(h) = batch {
+            s.x[..n * d].copy_from_slice(h);
+        }
+        for t in 0..n {
+            if let Batch::Tokens(tokens) = batch {
+                w.token_embd
+                    .dequantize_row(tokens[t] as usize, &mut s.x[t * d..(t + 1) * d])?;
+            }
             ops::rope_table(
                 p0 + t,
                 hd,
@@ -172,7 +289,8 @@ impl Model {
             );
         }
 
-        for (l, lw) in w.layers.iter().enumerate() {
+        for l in st.kv.layers() {
+            let lw = &w.layers[l];
             // Attention block.
             let xn = &mut s.xn[..n * d];
             ops::rms_norm(&s.x[..n * d], &lw.attn_norm, c.rms_eps, xn);

@@ -1,4 +1,5 @@
-//! The key/value cache: keys and values of every past position, per layer, in f32.
+//! The key/value cache: keys and values of every past position, per layer, in f32. A pipeline
+//! stage holds the cache of its own layers only.
 
 use crate::error::{Error, Result};
 
@@ -9,6 +10,8 @@ pub struct KvCache {
     /// Positions the cache can hold.
     pub capacity: usize,
     kv_dim: usize,
+    /// The layers this cache holds (all of them, except in a pipeline stage).
+    layers: std::ops::Range<usize>,
     /// `[layer][pos][kv_dim]`
     k: Vec<f32>,
     v: Vec<f32>,
@@ -16,8 +19,23 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(c: &Config, capacity: usize) -> Result<KvCache> {
-        let n = c
-            .n_layer
+        Self::for_layers(c, capacity, 0..c.n_layer)
+    }
+
+    /// A cache for `layers` only (a pipeline stage's share of the model).
+    pub fn for_layers(
+        c: &Config,
+        capacity: usize,
+        layers: std::ops::Range<usize>,
+    ) -> Result<KvCache> {
+        if layers.start > layers.end || layers.end > c.n_layer {
+            return Err(Error::Invalid(format!(
+                "layers {}..{} are not inside the model's {} layers",
+                layers.start, layers.end, c.n_layer
+            )));
+        }
+        let n = layers
+            .len()
             .checked_mul(capacity)
             .and_then(|v| v.checked_mul(c.kv_dim()))
             .filter(|&n| n <= 1 << 36)
@@ -25,6 +43,7 @@ impl KvCache {
         Ok(KvCache {
             capacity,
             kv_dim: c.kv_dim(),
+            layers,
             k: vec![0.0; n],
             v: vec![0.0; n],
         })
@@ -35,8 +54,13 @@ impl KvCache {
         (self.k.len() + self.v.len()) * 4
     }
 
+    /// The layers this cache holds.
+    pub fn layers(&self) -> std::ops::Range<usize> {
+        self.layers.clone()
+    }
+
     fn range(&self, layer: usize, pos: usize, n: usize) -> std::ops::Range<usize> {
-        let start = (layer * self.capacity + pos) * self.kv_dim;
+        let start = ((layer - self.layers.start) * self.capacity + pos) * self.kv_dim;
         start..start + n * self.kv_dim
     }
 

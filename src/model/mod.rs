@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use config::{Arch, Config, RopeStyle};
-pub use forward::{Logits, Observer, State};
+pub use forward::{Batch, Logits, Observer, State};
 pub use kv_cache::KvCache;
 pub use weights::{LayerWeights, TensorSource, Weights};
 

@@ -1,0 +1,87 @@
+//! What a stage other than the first does: receive a micro-batch's hidden states, run its own
+//! layers on them (keeping the KV cache of those layers only), and pass the result on, or, on the
+//! last stage, apply the output head and send the logits of a finished request to stage 0.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::transport::{Message, Transport};
+use crate::error::{Error, Result};
+use crate::model::{Batch, Model, State};
+
+/// What a stage did in one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageStats {
+    /// Time spent computing (not waiting for messages).
+    pub busy: Duration,
+    pub micro_batches: usize,
+}
+
+/// Serves stage `t.stage()` (not 0) with `layers` until stage 0 says stop.
+pub fn serve(
+    model: &Model,
+    t: &mut dyn Transport,
+    layers: Range<usize>,
+    n_ctx: usize,
+) -> Result<StageStats> {
+    let (me, n) = (t.stage(), t.n_stages());
+    if me == 0 || me >= n {
+        return Err(Error::Invalid(format!(
+            "stage {me} of {n} cannot serve: stage 0 drives the pipeline"
+        )));
+    }
+    let last = me + 1 == n;
+    let mut state = State::for_layers(model, n_ctx, layers)?;
+    let mut hidden = Vec::new();
+    let mut gathered = Vec::new();
+    let mut stats = StageStats::default();
+    loop {
+        match t.recv(me - 1)? {
+            Message::Forward { header, hidden: x } => {
+                let t0 = Instant::now();
+                if header.reset {
+                    state.reset();
+                    gathered.clear();
+                }
+                if x.len() != header.n_tokens * model.config.n_embd {
+                    return Err(Error::Model(format!(
+                        "stage {me}: a micro-batch of {} positions came with {} values",
+                        header.n_tokens,
+                        x.len()
+                    )));
+                }
+                model.forward_stage(&mut state, Batch::Hidden(&x), header.want, &mut hidden)?;
+                stats.busy += t0.elapsed();
+                stats.micro_batches += 1;
+                if last {
+                    gathered.extend_from_slice(&state.logits);
+                    if header.reply {
+                        t.send(0, Message::Logits(std::mem::take(&mut gathered)))?;
+                    }
+                } else {
+                    // The received buffer becomes the next one to fill: no allocation per step.
+                    let out = std::mem::replace(&mut hidden, x);
+                    t.send(
+                        me + 1,
+                        Message::Forward {
+                            header,
+                            hidden: out,
+                        },
+                    )?;
+                }
+            }
+            Message::Stop => {
+                if !last {
+                    t.send(me + 1, Message::Stop)?;
+                }
+                return Ok(stats);
+            }
+            Message::Logits(_) => {
+                return Err(Error::Model(format!(
+                    "stage {me}: logits arrived from stage {}, which sends hidden states",
+                    me - 1
+                )))
+            }
+        }
+    }
+}

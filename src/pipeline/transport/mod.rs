@@ -1,0 +1,48 @@
+//! How pipeline stages talk: one interface, two carriers. [`threads`] connects the stages of one
+//! process by channels; `mpi` (cargo feature `mpi`) connects one stage per MPI rank by
+//! point-to-point messages. Stage 0 drives: it holds the input, and the last stage sends it the
+//! results.
+
+pub mod threads;
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+use crate::error::Result;
+use crate::model::Logits;
+
+/// What a micro-batch's hidden states come with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Positions in the micro-batch.
+    pub n_tokens: usize,
+    /// The micro-batch starts a new sequence: every stage empties its KV cache first.
+    pub reset: bool,
+    /// Which of its positions need logits.
+    pub want: Logits,
+    /// The last micro-batch of a request: the last stage sends the logits gathered since the
+    /// previous reply to stage 0.
+    pub reply: bool,
+}
+
+/// A message between stages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// A micro-batch's hidden states, `n_tokens × n_embd`, to the next stage.
+    Forward { header: Header, hidden: Vec<f32> },
+    /// The logits of a request, from the last stage to stage 0.
+    Logits(Vec<f32>),
+    /// The job is over: each stage passes it on and ends.
+    Stop,
+}
+
+/// Point-to-point messages between the stages of one pipeline.
+pub trait Transport {
+    /// This stage's index.
+    fn stage(&self) -> usize;
+    fn n_stages(&self) -> usize;
+    /// Sends `msg` to stage `to` (it may return before `to` has received it).
+    fn send(&mut self, to: usize, msg: Message) -> Result<()>;
+    /// The next message from stage `from`; an error when that stage has gone.
+    fn recv(&mut self, from: usize) -> Result<Message>;
+}

@@ -1,0 +1,157 @@
+//! One stage per MPI rank (Open MPI through the `mpi` crate): a message is a header of six
+//! integers followed, for hidden states and logits, by its f32 values, both point-to-point on
+//! MPI_COMM_WORLD (MPI keeps messages between two ranks in order). A rank that fails calls
+//! MPI_Abort, which ends every rank of the job, so no stage waits forever; a rank that dies is
+//! noticed by mpirun, which ends the others.
+
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::traits::*;
+
+use super::{Header, Message, Transport};
+use crate::error::{Error, Result};
+use crate::model::Logits;
+
+const FORWARD: u64 = 1;
+const LOGITS: u64 = 2;
+const STOP: u64 = 3;
+
+/// This process's place in an MPI job. Dropping it finalizes MPI.
+pub struct Mpi {
+    // Dropped last: MPI_Finalize.
+    world: SimpleCommunicator,
+    _universe: mpi::environment::Universe,
+}
+
+/// Whether this process was started by mpirun (Open MPI sets these for every rank).
+pub fn launched_by_mpirun() -> bool {
+    std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() || std::env::var_os("PMI_SIZE").is_some()
+}
+
+impl Mpi {
+    /// Initializes MPI; an error when it was initialized already.
+    pub fn init() -> Result<Mpi> {
+        let universe = mpi::initialize()
+            .ok_or_else(|| Error::Model("MPI is already initialized in this process".into()))?;
+        Ok(Mpi {
+            world: universe.world(),
+            _universe: universe,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.world.rank() as usize
+    }
+
+    pub fn size(&self) -> usize {
+        self.world.size() as usize
+    }
+
+    /// Ends every rank of the job with `code` (after this rank has printed why).
+    pub fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+
+    /// Blocks until another rank aborts the job (a barrier that rank never joins).
+    pub fn wait_for_abort(&self) -> ! {
+        self.world.barrier();
+        self.world.barrier();
+        self.abort(1)
+    }
+
+    /// The transport of this rank's stage.
+    pub fn transport(&self) -> MpiTransport<'_> {
+        MpiTransport { world: &self.world }
+    }
+}
+
+pub struct MpiTransport<'a> {
+    world: &'a SimpleCommunicator,
+}
+
+fn want_code(w: Logits) -> u64 {
+    match w {
+        Logits::None => 0,
+        Logits::Last => 1,
+        Logits::All => 2,
+    }
+}
+
+impl Transport for MpiTransport<'_> {
+    fn stage(&self) -> usize {
+        self.world.rank() as usize
+    }
+
+    fn n_stages(&self) -> usize {
+        self.world.size() as usize
+    }
+
+    fn send(&mut self, to: usize, msg: Message) -> Result<()> {
+        let p = self.world.process_at_rank(to as i32);
+        match msg {
+            Message::Forward { header: h, hidden } => {
+                let head = [
+                    FORWARD,
+                    h.n_tokens as u64,
+                    u64::from(h.reset),
+                    want_code(h.want),
+                    u64::from(h.reply),
+                    hidden.len() as u64,
+                ];
+                p.send(&head[..]);
+                p.send(&hidden[..]);
+            }
+            Message::Logits(l) => {
+                p.send(&[LOGITS, 0, 0, 0, 0, l.len() as u64][..]);
+                p.send(&l[..]);
+            }
+            Message::Stop => p.send(&[STOP, 0, 0, 0, 0, 0][..]),
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, from: usize) -> Result<Message> {
+        let p = self.world.process_at_rank(from as i32);
+        let (head, _) = p.receive_vec::<u64>();
+        let bad = || {
+            Error::Model(format!(
+                "rank {from} sent a malformed message header {head:?}"
+            ))
+        };
+        if head.len() != 6 {
+            return Err(bad());
+        }
+        let data = |len: u64| -> Result<Vec<f32>> {
+            let (v, _) = p.receive_vec::<f32>();
+            if v.len() as u64 != len {
+                return Err(Error::Model(format!(
+                    "rank {from} announced {len} values and sent {}",
+                    v.len()
+                )));
+            }
+            Ok(v)
+        };
+        match head[0] {
+            FORWARD => {
+                let want = match head[3] {
+                    0 => Logits::None,
+                    1 => Logits::Last,
+                    2 => Logits::All,
+                    _ => return Err(bad()),
+                };
+                let header = Header {
+                    n_tokens: head[1] as usize,
+                    reset: head[2] != 0,
+                    want,
+                    reply: head[4] != 0,
+                };
+                Ok(Message::Forward {
+                    header,
+                    hidden: data(head[5])?,
+                })
+            }
+            LOGITS => Ok(Message::Logits(data(head[5])?)),
+            STOP => Ok(Message::Stop),
+            _ => Err(bad()),
+        }
+    }
+}
