@@ -4,3 +4,4 @@
 pub mod calibrate;
 pub mod knapsack;
 pub mod sensitivity;
+pub mod sparsify;
