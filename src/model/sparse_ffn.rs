@@ -289,10 +289,11 @@ thread_local! {
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
 }
 
-/// `y += Σ a·W[i]` over `active`, the outputs split across the worker threads.
+/// `y += Σ a·W[i]` over `active`, the outputs split across the worker threads (two ranges per
+/// thread, so that a thread slowed by another process's load does not hold the others up).
 fn product(w: &Rows, active: &[(u32, f32)], y: &mut [f32]) {
     let isa = kernels::isa();
-    let ranges = w.split(crate::parallel::threads());
+    let ranges = w.split(2 * crate::parallel::threads());
     let out = DisjointMut::new(y);
     crate::parallel::for_each(ranges.len(), &|k| {
         let r = ranges[k].clone();

@@ -3,7 +3,8 @@
 //! For each active input `(i, a)` and each group of row `i` in the output range, the group's
 //! values are `A·c + B` (see [`super::sparse::affine`]): the codes are unpacked with the same bit
 //! plane decoders as the dense pq kernels ([`super::pq_simd`]), converted to f32 and added as
-//! `y += (a·A)·c` with one FMA per 8 (AVX2) or 16 (AVX-512) outputs; the constant `a·B` is summed
+//! `y += (a·A)·c` with one FMA per 8 (AVX2) or 16 (AVX-512) outputs, for up to four rows per load
+//! and store of the outputs; the constant `a·B` is summed
 //! per group and added to the group's outputs once at the end, which saves an add per vector.
 //! A tail chunk shorter than 32 columns (rows whose length is not a multiple of 32) is added one
 //! value at a time, so nothing is written past the range.
@@ -111,27 +112,41 @@ macro_rules! sparse_kernel {
             OFFSETS.with_borrow_mut(|off| {
                 off.clear();
                 off.resize(gz - ga, 0.0);
-                for &(i, a) in active {
-                    let row = w.row(i as usize).as_ptr();
+                // Up to ROWS active rows at a time: each block of outputs is loaded and stored
+                // once for all of them.
+                for blk in active.chunks(ROWS) {
+                    let nb = blk.len();
+                    let mut rows = [std::ptr::null::<u8>(); ROWS];
+                    for (r, &(i, _)) in blk.iter().enumerate() {
+                        rows[r] = w.row(i as usize).as_ptr();
+                    }
                     for gi in ga..gz {
-                        // Every group before the row's (possibly short) last one is full.
-                        let grp = row.add(gi * gb);
-                        let (d, m) = header(grp);
-                        let (ca, cb0) = affine(p, d, m);
-                        off[gi - ga] += a * cb0;
-                        let s = a * ca;
+                        let mut s = [0.0f32; ROWS];
+                        for (r, &(_, a)) in blk.iter().enumerate() {
+                            // Every group before the row's (possibly short) last one is full.
+                            let (d, m) = header(rows[r].add(gi * gb));
+                            let (ca, cb0) = affine(p, d, m);
+                            off[gi - ga] += a * cb0;
+                            s[r] = a * ca;
+                        }
                         let n = (w.cols - gi * g).min(g);
                         let mut j = 0;
                         while j < n {
-                            let c = codes::<BITS, SYM>(grp.add(hb + j / CHUNK * cb));
+                            let at = gi * gb + hb + j / CHUNK * cb;
                             let out = yp.add(gi * g + j);
+                            let mut c = [_mm256_setzero_si256(); ROWS];
+                            for r in 0..nb {
+                                c[r] = codes::<BITS, SYM>(rows[r].add(at));
+                            }
                             if n - j >= CHUNK {
-                                $fma32(s, c, out);
+                                $fma32(&s, &c, nb, out);
                             } else {
-                                let mut b = [0u8; CHUNK];
-                                _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, c);
-                                for (k, &ck) in b.iter().enumerate().take(n - j) {
-                                    *out.add(k) += s * ck as f32;
+                                for r in 0..nb {
+                                    let mut b = [0u8; CHUNK];
+                                    _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, c[r]);
+                                    for (k, &ck) in b.iter().enumerate().take(n - j) {
+                                        *out.add(k) += s[r] * ck as f32;
+                                    }
                                 }
                             }
                             j += CHUNK;
@@ -150,32 +165,53 @@ macro_rules! sparse_kernel {
     };
 }
 
-/// `y[0..32] += s · c` for the 32 codes of `c`, 8 lanes at a time.
+/// Active rows handled together.
+const ROWS: usize = 4;
+
+/// `y[0..32] += Σ_r s[r] · c[r]` over the first `nb` rows' 32 codes, 8 lanes at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fma32_avx2(s: f32, c: __m256i, y: *mut f32) {
-    let s = _mm256_set1_ps(s);
-    let halves = [_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)];
-    for (h, v) in halves.into_iter().enumerate() {
-        for (q, b) in [v, _mm_srli_si128(v, 8)].into_iter().enumerate() {
-            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-            let o = y.add(16 * h + 8 * q);
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(s, f, _mm256_loadu_ps(o)));
+unsafe fn fma32_avx2(s: &[f32; ROWS], c: &[__m256i; ROWS], nb: usize, y: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (q, a) in acc.iter_mut().enumerate() {
+        *a = _mm256_loadu_ps(y.add(8 * q));
+    }
+    for r in 0..nb {
+        let sr = _mm256_set1_ps(s[r]);
+        let halves = [
+            _mm256_castsi256_si128(c[r]),
+            _mm256_extracti128_si256(c[r], 1),
+        ];
+        for (h, v) in halves.into_iter().enumerate() {
+            for (q, b) in [v, _mm_srli_si128(v, 8)].into_iter().enumerate() {
+                let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                acc[2 * h + q] = _mm256_fmadd_ps(sr, f, acc[2 * h + q]);
+            }
         }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(y.add(8 * q), *a);
     }
 }
 
-/// `y[0..32] += s · c`, 16 lanes at a time.
+/// As [`fma32_avx2`], 16 lanes at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-unsafe fn fma32_avx512(s: f32, c: __m256i, y: *mut f32) {
-    let s = _mm512_set1_ps(s);
-    let halves = [_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)];
-    for (h, v) in halves.into_iter().enumerate() {
-        let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
-        let o = y.add(16 * h);
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(s, f, _mm512_loadu_ps(o)));
+unsafe fn fma32_avx512(s: &[f32; ROWS], c: &[__m256i; ROWS], nb: usize, y: *mut f32) {
+    let mut acc = [_mm512_loadu_ps(y), _mm512_loadu_ps(y.add(16))];
+    for r in 0..nb {
+        let sr = _mm512_set1_ps(s[r]);
+        let halves = [
+            _mm256_castsi256_si128(c[r]),
+            _mm256_extracti128_si256(c[r], 1),
+        ];
+        for (h, v) in halves.into_iter().enumerate() {
+            let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+            acc[h] = _mm512_fmadd_ps(sr, f, acc[h]);
+        }
     }
+    _mm512_storeu_ps(y, acc[0]);
+    _mm512_storeu_ps(y.add(16), acc[1]);
 }
 
 sparse_kernel!(axpy_pq_avx2, pq_avx2, "avx2,fma,f16c", fma32_avx2);
