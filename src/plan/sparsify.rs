@@ -405,7 +405,7 @@ impl SparsityPlan {
         };
         Chart {
             title: format!(
-                "FFN neuron activation frequency (|a| >= layer median), {} tokens",
+                "FFN neuron activation frequency (|a| above the layer median), {} tokens",
                 self.tokens
             ),
             x_label: "neuron rank / n_ff (hot first)".into(),
