@@ -72,16 +72,8 @@ fn fixture(ty: &str) -> Fixture {
     }
 }
 
-/// Logits of each token decoded one at a time (the sparse path's case).
-fn decode(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
-    let mut st = State::new(model, toks.len()).unwrap();
-    toks.iter()
-        .map(|&t| {
-            model.forward(&mut st, &[t], Logits::Last).unwrap();
-            st.logits.clone()
-        })
-        .collect()
-}
+/// Decoding one token at a time is the sparse path's case.
+use common::decode_logits as decode;
 
 fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     let mut worst = 0.0f32;
