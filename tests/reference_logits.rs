@@ -20,15 +20,7 @@ fn pare_logits(model: &Model, cases: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
 }
 
 /// Decoding one token at a time must give the same logits as the batched prompt pass.
-fn incremental_logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
-    let mut st = State::new(model, toks.len()).unwrap();
-    toks.iter()
-        .map(|&t| {
-            model.forward(&mut st, &[t], Logits::Last).unwrap();
-            st.logits.clone()
-        })
-        .collect()
-}
+use common::decode_logits as incremental_logits;
 
 fn argmax(v: &[f32]) -> usize {
     v.iter()

@@ -30,8 +30,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             eprintln!("  {what}: {tps:.1} tok/s");
         }
     })?;
+    let sparse = model
+        .sparse
+        .as_ref()
+        .filter(|sp| sp.level().is_some())
+        .map(|sp| (sp.level().unwrap_or(0.0), sp.stats(), sp.layers.len()));
+    if let Some((s, st, _)) = sparse {
+        eprintln!(
+            "  sparse FFN: level {s}, achieved sparsity {:.4} on the generated tokens",
+            st.sparsity()
+        );
+    }
     if a.json {
         let mut v = serde_json::to_value(&r)?;
+        if let Some((s, st, layers)) = sparse {
+            v["sparsity"] = s.into();
+            v["achieved_sparsity"] = st.sparsity().into();
+            v["ffn_bytes_per_token"] =
+                (st.bytes_read as f64 / (st.token_layers.max(1) as f64 / layers as f64)).into();
+        }
         v[format!("pp{}", a.n_prompt)] = r.pp.into();
         v[format!("tg{}", a.n_gen)] = r.tg.into();
         println!("{v}");

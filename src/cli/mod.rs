@@ -7,6 +7,7 @@ mod inspect;
 mod perplexity;
 mod quantize;
 mod run;
+mod sparsify;
 mod stages;
 
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ enum Command {
     Quantize(quantize::Args),
     /// Generate text from a prompt, streamed to stdout.
     Run(run::Args),
+    /// Calibrate hot/cold neurons and activation thresholds; write a model for sparse FFN execution.
+    Sparsify(sparsify::Args),
 }
 
 /// Options every model-running command shares.
@@ -56,6 +59,13 @@ pub struct Common {
     /// 8-bit activations.
     #[arg(long)]
     pub exact_activations: bool,
+    /// Sparse FFN execution: the fraction of FFN weight bytes skipped per token (0 = dense). Needs
+    /// a model written by `pare sparsify`.
+    #[arg(long, default_value_t = 0.0)]
+    pub sparsity: f32,
+    /// Run the sparse FFN kernels even at --sparsity 0 (measures the sparse copies and kernels).
+    #[arg(long, hide = true)]
+    pub sparse_path: bool,
 }
 
 impl Common {
@@ -74,6 +84,11 @@ impl Common {
         }
         let mut model = pare::model::Model::load(&self.model)?;
         model.exact_activations = self.exact_activations;
+        if self.sparse_path {
+            model.set_sparse_path(self.sparsity)?;
+        } else {
+            model.set_sparsity(self.sparsity)?;
+        }
         Ok(model)
     }
 }
@@ -88,6 +103,7 @@ pub fn main() -> ExitCode {
         Command::Perplexity(a) => perplexity::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Run(a) => run::run(a),
+        Command::Sparsify(a) => sparsify::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,7 +39,11 @@ fn progress(n: usize) -> ProgressBar {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = a.common.load()?;
+    let mut model = a.common.load()?;
+    if let Some(sp) = model.sparse.as_mut() {
+        // Chunks are scored token by token on the sparse path, as decoding would compute them.
+        sp.max_batch = usize::MAX;
+    }
     if !a.stages.active() {
         let mut eval = ModelEval::new(&model, a.ctx)?;
         return evaluate(&a, &model, &mut eval);
@@ -117,6 +121,19 @@ fn evaluate(a: &Args, model: &pare::model::Model, eval: &mut dyn LogitsEval) -> 
             "ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "chunks": r.chunks, "tokens": r.tokens_scored,
         })
     };
+    let mut summary = summary;
+    if let Some(sp) = model.sparse.as_ref().filter(|sp| sp.level().is_some()) {
+        let st = sp.stats();
+        println!(
+            "sparse FFN: level {}, achieved sparsity {:.4}, {:.2} MiB of FFN weights read per token",
+            sp.level().unwrap_or(0.0),
+            st.sparsity(),
+            st.bytes_read as f64 / (st.token_layers.max(1) as f64 / sp.layers.len() as f64)
+                / (1 << 20) as f64
+        );
+        summary["sparsity"] = sp.level().unwrap_or(0.0).into();
+        summary["achieved_sparsity"] = st.sparsity().into();
+    }
     if a.json {
         println!("{summary}");
     }

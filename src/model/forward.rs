@@ -340,15 +340,19 @@ impl Model {
             // Feed-forward block.
             let xn = &mut s.xn[..n * d];
             ops::rms_norm(&s.x[..n * d], &lw.ffn_norm, c.rms_eps, xn);
-            let (gate, up) = (&mut s.gate[..n * c.n_ff], &mut s.up[..n * c.n_ff]);
-            let input = input_for(exact, obs, &mut s.q8, xn, n, &[&lw.gate, &lw.up]);
-            matmul_many(&mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)], &input);
-            ops::swiglu(gate, up);
-            matmul(
-                &lw.down,
-                &input_for(exact, obs, &mut s.q8, gate, n, &[&lw.down]),
-                o,
-            );
+            if let Some(sp) = self.sparse.as_ref().filter(|sp| sp.applies(n)) {
+                sp.forward(l, xn, o);
+            } else {
+                let (gate, up) = (&mut s.gate[..n * c.n_ff], &mut s.up[..n * c.n_ff]);
+                let input = input_for(exact, obs, &mut s.q8, xn, n, &[&lw.gate, &lw.up]);
+                matmul_many(&mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)], &input);
+                ops::swiglu(gate, up);
+                matmul(
+                    &lw.down,
+                    &input_for(exact, obs, &mut s.q8, gate, n, &[&lw.down]),
+                    o,
+                );
+            }
             add_assign(&mut s.x[..n * d], o);
         }
         st.pos += n;

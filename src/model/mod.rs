@@ -6,6 +6,7 @@ pub mod forward;
 pub mod gguf_metadata;
 pub mod kv_cache;
 pub mod ops;
+pub mod sparse_ffn;
 pub mod weights;
 
 use std::path::Path;
@@ -49,6 +50,8 @@ pub struct Model {
     /// Compute every product in f32 on dequantized weights instead of on 8-bit activations: the
     /// slow reference path (the default, like llama.cpp, quantizes activations).
     pub exact_activations: bool,
+    /// Sparse FFN execution, when the file was written by `pare sparsify`.
+    pub sparse: Option<sparse_ffn::SparseFfn>,
 }
 
 impl Model {
@@ -65,11 +68,13 @@ impl Model {
     pub fn from_gguf(gguf: Arc<Gguf>) -> Result<Model> {
         let config = Config::from_gguf(&gguf)?;
         let weights = Weights::from_gguf(&gguf, &config)?;
+        let sparse = sparse_ffn::SparseFfn::from_gguf(&gguf, &config)?;
         Ok(Model {
             config,
             weights,
             source: ModelSource::Gguf(gguf),
             exact_activations: false,
+            sparse,
         })
     }
 
@@ -81,6 +86,7 @@ impl Model {
             weights,
             source: ModelSource::Hf(ck),
             exact_activations: false,
+            sparse: None,
         })
     }
 

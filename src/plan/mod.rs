@@ -14,3 +14,4 @@ pub mod knapsack;
 pub mod quantize;
 pub mod report;
 pub mod sensitivity;
+pub mod sparsify;

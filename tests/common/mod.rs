@@ -82,3 +82,15 @@ pub fn reference_logits(model: &Path, cases: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> 
         .map(|c| serde_json::from_value(c["logits"].clone()).unwrap())
         .collect()
 }
+
+/// Logits of each token decoded one at a time (one forward call per token, `Logits::Last`).
+pub fn decode_logits(model: &pare::model::Model, toks: &[u32]) -> Vec<Vec<f32>> {
+    use pare::model::{Logits, State};
+    let mut st = State::new(model, toks.len()).unwrap();
+    toks.iter()
+        .map(|&t| {
+            model.forward(&mut st, &[t], Logits::Last).unwrap();
+            st.logits.clone()
+        })
+        .collect()
+}

@@ -23,6 +23,9 @@ mod panel_x86;
 #[cfg(target_arch = "x86_64")]
 mod pq_simd;
 pub mod scalar;
+pub mod sparse;
+#[cfg(target_arch = "x86_64")]
+mod sparse_x86;
 
 /// The instruction sets pare has kernels for, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -1,0 +1,151 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use pare::convert::open_source;
+use pare::plan::sparsify::{self, SparsityPlan, WriteOptions, DEFAULT_LEVELS};
+use pare::quant::format;
+use pare::quant::quantize::Method;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model to sparsify (GGUF).
+    #[arg(short = 'm', long = "model")]
+    model: std::path::PathBuf,
+    /// Calibration text (keep it apart from the text you evaluate on).
+    #[arg(long)]
+    calib: std::path::PathBuf,
+    /// Tokens per calibration chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Calibration chunks (at most; fewer when the text is shorter).
+    #[arg(long, default_value_t = 16)]
+    chunks: usize,
+    /// Fraction of each layer's FFN neurons that are hot (always computed, no per-neuron test).
+    #[arg(long, default_value_t = 0.1)]
+    hot: f32,
+    /// Sparsity levels to calibrate, comma-separated, increasing within (0, 1).
+    #[arg(long, value_delimiter = ',')]
+    levels: Option<Vec<f32>>,
+    /// Format of the input-major FFN copies (default: the source's ffn_down format).
+    #[arg(long)]
+    format: Option<String>,
+    /// Output file; written beside it under a temporary name, then renamed.
+    #[arg(short = 'o', long = "output")]
+    output: std::path::PathBuf,
+    /// Also draw the per-layer neuron frequency distributions to this PNG.
+    #[arg(long)]
+    chart: Option<std::path::PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+}
+
+/// Set by Ctrl-C; the writer checks it between tensors and removes its temporary file.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn bar(what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed}} < {{eta}}]"
+        ))
+        .expect("valid template"),
+    );
+    pb
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let common = super::Common {
+        model: a.model.clone(),
+        threads: a.threads,
+        exact_activations: false,
+        sparsity: 0.0,
+        sparse_path: false,
+    };
+    let format = a.format.as_deref().map(format::parse).transpose()?;
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
+    let model = common.load()?;
+    let text = std::fs::read_to_string(&a.calib)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.calib.display()))?;
+    let tokens = model.tokenizer()?.encode(&text, true, false)?;
+    let pb = bar("calibration chunks");
+    let stats = sparsify::collect_stats(&model, &tokens, a.ctx, Some(a.chunks), |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    });
+    pb.finish_and_clear();
+    let stats = stats?;
+    anyhow::ensure!(
+        !INTERRUPTED.load(Ordering::Relaxed),
+        "interrupted; nothing written"
+    );
+    let levels = a.levels.clone().unwrap_or_else(|| DEFAULT_LEVELS.to_vec());
+    let plan = SparsityPlan::new(&stats, a.hot, &levels)?;
+    println!(
+        "calibrated on {} tokens of {}; hot fraction {}",
+        stats.tokens,
+        a.calib.display(),
+        a.hot
+    );
+    let mid = levels
+        .iter()
+        .position(|&s| s >= 0.5)
+        .unwrap_or(levels.len() - 1);
+    println!(
+        "layer  median|a|  hot  hot-freq  cold-freq  rarely-active  t_x@{s}  t_a@{s}",
+        s = levels[mid]
+    );
+    for (l, lp) in plan.layers.iter().enumerate() {
+        let s = lp.summary(l);
+        println!(
+            "{:>5}  {:>8.4}  {:>4}  {:>8.3}  {:>9.3}  {:>13.3}  {:>7.4}  {:>7.4}",
+            l,
+            s.reference,
+            s.n_hot,
+            s.hot_mean_freq,
+            s.cold_mean_freq,
+            s.rarely_active,
+            lp.input_thresholds[mid],
+            lp.neuron_thresholds[mid]
+        );
+    }
+    if let Some(path) = &a.chart {
+        pare::plot::write_png(path, &plan.chart())?;
+        println!("wrote {}", path.display());
+    }
+    let config = model.config.clone();
+    drop(model);
+    let src = open_source(&a.model)?;
+    let opts = WriteOptions {
+        format,
+        method: Method::Search,
+        cancel: Some(&INTERRUPTED),
+    };
+    let pb = bar("layers");
+    let calib_name = a
+        .calib
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let report = sparsify::write_sparsified(
+        src.as_ref(),
+        &config,
+        &plan,
+        &calib_name,
+        &a.output,
+        &opts,
+        |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    );
+    pb.finish_and_clear();
+    let report = report?;
+    println!(
+        "wrote {}: {:.2} MiB, input-major FFN copies in {}",
+        report.path.display(),
+        report.file_bytes as f64 / (1 << 20) as f64,
+        format::name(report.format)
+    );
+    Ok(())
+}

@@ -1,0 +1,677 @@
+//! Sparse FFN calibration: neuron statistics, hot/cold neurons, activation thresholds per sparsity
+//! level, and the writer of a sparsified model (`pare sparsify`).
+//!
+//! # Statistics
+//! A forward-pass [`Observer`] sees the input of every product: the input of `ffn_down` is the
+//! FFN's neuron activations `silu(gate)·up`, the input of `ffn_gate` is the normed `x` entering the
+//! FFN. Per layer, |x| and, per neuron, |activation| are counted in log-spaced histograms
+//! ([`BINS`] bins, 8 per octave, from 2⁻²⁰ to 2¹²), which give any quantile without keeping the
+//! values.
+//!
+//! # Hot and cold neurons
+//! A neuron's *frequency* is the fraction of calibration tokens on which |activation| is above the
+//! layer's median |activation| (above the histogram bin holding it: the reference). The `hot_fraction` most frequent neurons are
+//! hot: they are computed on every token, with no per-neuron test. The permutation puts hot neurons
+//! first, then the cold ones, each by decreasing frequency.
+//!
+//! # Levels
+//! A level S is the fraction of the FFN's weight bytes skipped per token, averaged over the
+//! calibration tokens. Each layer skips S of its `gate`/`up` bytes (inputs with |x| under the
+//! input threshold, the S-quantile of |x|) and S of its `down` bytes (cold neurons with
+//! |activation| under the neuron threshold, the quantile of the cold neurons' |activation| that
+//! leaves S·n_ff of them out per token on average; no threshold when the cold ones are too few).
+//! Thresholds for a grid of levels are stored, so the level is chosen at run time.
+//!
+//! # The sparsified file
+//! Every tensor of the source is copied as stored (so the dense model is exactly the source's),
+//! and each layer gains input-major copies of its FFN, neurons permuted, in a format pare computes
+//! sparse products on:
+//! - `blk.N.ffn_gate_up_im.weight`: `n_embd` rows of `2·n_ff` (row `i`: what input `i` adds to
+//!   every gate output, then to every up output);
+//! - `blk.N.ffn_down_im.weight`: `n_ff` rows of `n_embd` (row `k`: neuron `perm[k]`'s column of
+//!   `down`).
+//!
+//! Transposing changes which weights share a group scale, so the copies are re-quantized from the
+//! dequantized source (error-minimising search). Metadata (`pare.sparse.*`) is documented in the
+//! README and read by [`crate::model::sparse_ffn`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use crate::convert::Source;
+use crate::error::{Error, Result};
+use crate::format::gguf::Value;
+use crate::format::gguf_writer::{self, GgufWriter, TensorSpec};
+use crate::model::{Config, Logits, Model, Observer, State};
+use crate::plot::{Chart, Series, Style};
+use crate::quant::matmul::QMatrix;
+use crate::quant::quantize::{can_quantize, quantize_rows, Method, Options};
+use crate::quant::{format, GgmlType};
+
+/// Histogram bins of |value|.
+pub const BINS: usize = 256;
+/// Exponent offset of bin 0: values below 2^-20 (zero included) fall in bin 0.
+const BIN_BASE: u32 = (127 - 20) << 3;
+
+/// The sparsity levels a sparsified file carries by default.
+pub const DEFAULT_LEVELS: [f32; 18] = [
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85,
+    0.9,
+];
+
+/// Metadata keys of a sparsified file (see the README).
+pub mod keys {
+    pub const VERSION: &str = "pare.sparse.version";
+    pub const LEVELS: &str = "pare.sparse.levels";
+    pub const HOT_FRACTION: &str = "pare.sparse.hot_fraction";
+    pub const CALIBRATION_TOKENS: &str = "pare.sparse.calibration_tokens";
+    pub const CALIBRATION_TEXT: &str = "pare.sparse.calibration_text";
+    pub fn layer(l: usize, what: &str) -> String {
+        format!("pare.sparse.blk.{l}.{what}")
+    }
+    pub const N_HOT: &str = "n_hot";
+    pub const INPUT_THRESHOLDS: &str = "input_thresholds";
+    pub const NEURON_THRESHOLDS: &str = "neuron_thresholds";
+    pub const PERMUTATION: &str = "permutation";
+    pub const REFERENCE: &str = "reference";
+}
+
+/// The version of the sparse layout and metadata this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Tensor names of a layer's input-major copies.
+pub fn gate_up_name(l: usize) -> String {
+    format!("blk.{l}.ffn_gate_up_im.weight")
+}
+pub fn down_name(l: usize) -> String {
+    format!("blk.{l}.ffn_down_im.weight")
+}
+
+/// The histogram bin of |v|.
+#[inline]
+pub fn bin(v: f32) -> usize {
+    let b = (v.abs().to_bits() >> 20) as i64 - BIN_BASE as i64;
+    b.clamp(0, BINS as i64 - 1) as usize
+}
+
+/// The lower edge of bin `k` (0 for bin 0).
+pub fn bin_edge(k: usize) -> f32 {
+    if k == 0 {
+        0.0
+    } else {
+        f32::from_bits((k as u32 + BIN_BASE) << 20)
+    }
+}
+
+/// The value under which a fraction `q` of a histogram's counts lie (linear within a bin);
+/// infinity for `q >= 1`, 0 for `q <= 0` or an empty histogram.
+pub fn quantile<T: Copy + Into<u64>>(hist: &[T], q: f64) -> f32 {
+    if q >= 1.0 {
+        return f32::INFINITY;
+    }
+    let total: u64 = hist.iter().map(|&c| c.into()).sum();
+    if q <= 0.0 || total == 0 {
+        return 0.0;
+    }
+    let target = q * total as f64;
+    let mut cum = 0.0;
+    for (k, &c) in hist.iter().enumerate() {
+        let c = c.into() as f64;
+        if c > 0.0 && cum + c >= target {
+            let f = ((target - cum) / c) as f32;
+            let (lo, hi) = (bin_edge(k), bin_edge(k + 1));
+            return lo + f * (hi - lo);
+        }
+        cum += c;
+    }
+    bin_edge(hist.len())
+}
+
+/// Histograms of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerStats {
+    /// |x| entering gate/up, over all inputs and tokens.
+    pub input_hist: Vec<u64>,
+    /// |activation| per neuron: `neuron_hist[j * BINS + k]`.
+    pub neuron_hist: Vec<u32>,
+}
+
+impl LayerStats {
+    fn new(n_ff: usize) -> Self {
+        LayerStats {
+            input_hist: vec![0; BINS],
+            neuron_hist: vec![0; n_ff * BINS],
+        }
+    }
+
+    pub fn neuron(&self, j: usize) -> &[u32] {
+        &self.neuron_hist[j * BINS..(j + 1) * BINS]
+    }
+}
+
+/// Neuron and input statistics of every layer over the calibration tokens.
+#[derive(Debug, Clone)]
+pub struct NeuronStats {
+    pub tokens: usize,
+    pub n_ff: usize,
+    pub layers: Vec<LayerStats>,
+}
+
+/// Which FFN product a matrix is, by its llama.cpp name.
+fn ffn_role(name: &str) -> Option<(usize, bool)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (l, m) = rest.split_once('.')?;
+    let l = l.parse().ok()?;
+    match m {
+        "ffn_gate.weight" => Some((l, false)),
+        "ffn_down.weight" => Some((l, true)),
+        _ => None,
+    }
+}
+
+struct Collector {
+    n_ff: usize,
+    layers: Vec<Mutex<LayerStats>>,
+}
+
+impl Observer for Collector {
+    fn observe(&self, w: &QMatrix, x: &[f32], _n: usize) {
+        let Some((l, down)) = ffn_role(&w.name) else {
+            return;
+        };
+        let Some(layer) = self.layers.get(l) else {
+            return;
+        };
+        let mut s = layer.lock().unwrap_or_else(|p| p.into_inner());
+        if down {
+            for row in x.chunks_exact(self.n_ff) {
+                for (j, &v) in row.iter().enumerate() {
+                    s.neuron_hist[j * BINS + bin(v)] += 1;
+                }
+            }
+        } else {
+            for &v in x {
+                s.input_hist[bin(v)] += 1;
+            }
+        }
+    }
+}
+
+/// Runs `tokens` through `model` (dense) in chunks of `n_ctx` tokens, each from an empty context,
+/// at most `max_chunks` of them, and collects the statistics. `progress(done, total)` after each.
+pub fn collect_stats(
+    model: &Model,
+    tokens: &[u32],
+    n_ctx: usize,
+    max_chunks: Option<usize>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<NeuronStats> {
+    let c = &model.config;
+    let chunks = (tokens.len() / n_ctx.max(1)).min(max_chunks.unwrap_or(usize::MAX));
+    if n_ctx == 0 || chunks == 0 {
+        return Err(Error::Invalid(format!(
+            "calibration text has {} tokens, fewer than one chunk of {n_ctx}",
+            tokens.len()
+        )));
+    }
+    let collector = Arc::new(Collector {
+        n_ff: c.n_ff,
+        layers: (0..c.n_layer)
+            .map(|_| Mutex::new(LayerStats::new(c.n_ff)))
+            .collect(),
+    });
+    let mut state = State::new(model, n_ctx)?;
+    state.observer = Some(collector.clone());
+    for (i, chunk) in tokens.chunks_exact(n_ctx).take(chunks).enumerate() {
+        state.reset();
+        model.forward(&mut state, chunk, Logits::None)?;
+        progress(i + 1, chunks);
+    }
+    drop(state);
+    let collector = Arc::try_unwrap(collector)
+        .map_err(|_| Error::Invalid("calibration observer still in use".into()))?;
+    Ok(NeuronStats {
+        tokens: chunks * n_ctx,
+        n_ff: c.n_ff,
+        layers: collector
+            .layers
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .collect(),
+    })
+}
+
+/// One layer's plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    /// `perm[k]` is the original neuron at position `k`: hot neurons first.
+    pub perm: Vec<u32>,
+    pub n_hot: usize,
+    /// Per original neuron: fraction of tokens with |activation| ≥ `reference`.
+    pub freq: Vec<f32>,
+    /// The layer's median |activation|, rounded up to the upper edge of its histogram bin.
+    pub reference: f32,
+    /// Per level: inputs with |x| ≤ this are skipped in gate/up.
+    pub input_thresholds: Vec<f32>,
+    /// Per level: cold neurons with |activation| ≤ this are skipped in down.
+    pub neuron_thresholds: Vec<f32>,
+}
+
+/// Hot neurons, permutation and thresholds of every layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparsityPlan {
+    pub levels: Vec<f32>,
+    pub hot_fraction: f32,
+    pub tokens: usize,
+    pub layers: Vec<LayerPlan>,
+}
+
+impl SparsityPlan {
+    /// The plan for `stats`: `hot_fraction` of the neurons hot, thresholds for each of `levels`
+    /// (increasing, in (0, 1)).
+    pub fn new(stats: &NeuronStats, hot_fraction: f32, levels: &[f32]) -> Result<SparsityPlan> {
+        if !(0.0..=1.0).contains(&hot_fraction) {
+            return Err(Error::Invalid(format!(
+                "the hot fraction must be between 0 and 1, got {hot_fraction}"
+            )));
+        }
+        if levels.is_empty()
+            || levels.windows(2).any(|w| w[0] >= w[1])
+            || levels.iter().any(|&s| !(s > 0.0 && s < 1.0))
+        {
+            return Err(Error::Invalid(format!(
+                "sparsity levels must increase within (0, 1), got {levels:?}"
+            )));
+        }
+        if stats.tokens == 0 {
+            return Err(Error::Invalid("no calibration tokens".into()));
+        }
+        let n_ff = stats.n_ff;
+        let n_hot = ((hot_fraction as f64 * n_ff as f64).round() as usize).min(n_ff);
+        let layers = stats
+            .layers
+            .iter()
+            .map(|ls| {
+                let mut pooled = vec![0u64; BINS];
+                for j in 0..n_ff {
+                    for (p, &c) in pooled.iter_mut().zip(ls.neuron(j)) {
+                        *p += c as u64;
+                    }
+                }
+                let total: u64 = pooled.iter().sum();
+                // The bin holding the median: frequencies count the bins above it (a bin holding
+                // most of the mass would otherwise make every neuron look always active).
+                let mut cum = 0;
+                let ref_bin = pooled
+                    .iter()
+                    .position(|&c| {
+                        cum += c;
+                        2 * cum >= total
+                    })
+                    .unwrap_or(0);
+                let freq: Vec<f32> = (0..n_ff)
+                    .map(|j| {
+                        let above: u32 = ls.neuron(j)[ref_bin + 1..].iter().sum();
+                        above as f32 / stats.tokens as f32
+                    })
+                    .collect();
+                let mut perm: Vec<u32> = (0..n_ff as u32).collect();
+                // Stable: ties keep the original order, so the permutation is deterministic.
+                perm.sort_by(|&a, &b| freq[b as usize].total_cmp(&freq[a as usize]));
+                let mut cold = vec![0u64; BINS];
+                for &j in &perm[n_hot..] {
+                    for (p, &c) in cold.iter_mut().zip(ls.neuron(j as usize)) {
+                        *p += c as u64;
+                    }
+                }
+                let n_cold = n_ff - n_hot;
+                LayerPlan {
+                    input_thresholds: levels
+                        .iter()
+                        .map(|&s| quantile(&ls.input_hist, s as f64))
+                        .collect(),
+                    neuron_thresholds: levels
+                        .iter()
+                        .map(|&s| {
+                            if n_cold == 0 {
+                                0.0
+                            } else {
+                                quantile(&cold, s as f64 * n_ff as f64 / n_cold as f64)
+                            }
+                        })
+                        .collect(),
+                    perm,
+                    n_hot,
+                    freq,
+                    reference: bin_edge(ref_bin + 1),
+                }
+            })
+            .collect();
+        Ok(SparsityPlan {
+            levels: levels.to_vec(),
+            hot_fraction,
+            tokens: stats.tokens,
+            layers,
+        })
+    }
+
+    /// The metadata a sparsified file carries.
+    pub fn metadata(&self, calibration_text: &str) -> Vec<(String, Value)> {
+        let f32s = |v: &[f32]| Value::Array(v.iter().map(|&x| Value::F32(x)).collect());
+        let mut m = vec![
+            (keys::VERSION.to_string(), Value::U32(VERSION)),
+            (keys::LEVELS.to_string(), f32s(&self.levels)),
+            (
+                keys::HOT_FRACTION.to_string(),
+                Value::F32(self.hot_fraction),
+            ),
+            (
+                keys::CALIBRATION_TOKENS.to_string(),
+                Value::U64(self.tokens as u64),
+            ),
+            (
+                keys::CALIBRATION_TEXT.to_string(),
+                Value::String(calibration_text.to_string()),
+            ),
+        ];
+        for (l, lp) in self.layers.iter().enumerate() {
+            m.push((keys::layer(l, keys::N_HOT), Value::U32(lp.n_hot as u32)));
+            m.push((keys::layer(l, keys::REFERENCE), Value::F32(lp.reference)));
+            m.push((
+                keys::layer(l, keys::INPUT_THRESHOLDS),
+                f32s(&lp.input_thresholds),
+            ));
+            m.push((
+                keys::layer(l, keys::NEURON_THRESHOLDS),
+                f32s(&lp.neuron_thresholds),
+            ));
+            m.push((
+                keys::layer(l, keys::PERMUTATION),
+                Value::Array(lp.perm.iter().map(|&p| Value::U32(p)).collect()),
+            ));
+        }
+        m
+    }
+
+    /// A chart of the per-layer frequency distributions: each neuron's frequency against its rank
+    /// (neurons sorted by decreasing frequency), for a spread of layers.
+    pub fn chart(&self) -> Chart {
+        let n = self.layers.len();
+        let picks: Vec<usize> = if n <= 8 {
+            (0..n).collect()
+        } else {
+            (0..8).map(|k| k * (n - 1) / 7).collect()
+        };
+        Chart {
+            title: format!(
+                "FFN neuron activation frequency (|a| above the layer median), {} tokens",
+                self.tokens
+            ),
+            x_label: "neuron rank / n_ff (hot first)".into(),
+            y_label: "frequency".into(),
+            log_y: false,
+            series: picks
+                .into_iter()
+                .map(|l| {
+                    let lp = &self.layers[l];
+                    let nf = lp.perm.len().max(1) as f64;
+                    Series::new(
+                        format!("layer {l}"),
+                        lp.perm
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &j)| (k as f64 / nf, lp.freq[j as usize] as f64))
+                            .collect(),
+                        Style::Line,
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Per-layer summary for a report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerSummary {
+    pub layer: usize,
+    pub reference: f32,
+    pub n_hot: usize,
+    pub hot_mean_freq: f32,
+    pub cold_mean_freq: f32,
+    /// Fraction of neurons that are (almost) never at or above the reference: frequency < 1%.
+    pub rarely_active: f32,
+}
+
+impl LayerPlan {
+    pub fn summary(&self, layer: usize) -> LayerSummary {
+        let mean = |js: &[u32]| {
+            js.iter().map(|&j| self.freq[j as usize]).sum::<f32>() / js.len().max(1) as f32
+        };
+        LayerSummary {
+            layer,
+            reference: self.reference,
+            n_hot: self.n_hot,
+            hot_mean_freq: mean(&self.perm[..self.n_hot]),
+            cold_mean_freq: mean(&self.perm[self.n_hot..]),
+            rarely_active: self.freq.iter().filter(|&&f| f < 0.01).count() as f32
+                / self.freq.len().max(1) as f32,
+        }
+    }
+}
+
+/// Options of [`write_sparsified`].
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions<'a> {
+    /// Format of the input-major copies (`None`: the source's `ffn_down` type when pare can
+    /// compute sparse products on it).
+    pub format: Option<GgmlType>,
+    pub method: Method,
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct WriteReport {
+    pub path: PathBuf,
+    pub file_bytes: u64,
+    pub format: GgmlType,
+}
+
+/// The copies' format: the requested one, or the source's ffn_down type.
+fn copy_format(src: &dyn Source, opts: &WriteOptions) -> Result<GgmlType> {
+    let ty = match opts.format {
+        Some(t) => t,
+        None => src
+            .tensors()
+            .iter()
+            .find(|t| t.name == "blk.0.ffn_down.weight")
+            .and_then(|t| t.stored)
+            .map(|t| crate::quant::Pq::of_ggml(t).map_or(t, GgmlType::Pq))
+            .ok_or_else(|| Error::Model(format!("{}: no blk.0.ffn_down.weight", src.describe())))?,
+    };
+    if !can_quantize(ty) || !crate::quant::kernels::sparse::supports(ty) {
+        return Err(Error::Invalid(format!(
+            "sparse FFN copies cannot be {}; choose a pq format with --format (e.g. q4_g32)",
+            format::name(ty)
+        )));
+    }
+    Ok(ty)
+}
+
+/// Writes `src` with `plan`'s input-major FFN copies and metadata to `out`, atomically.
+/// `progress(done, total)` after each layer.
+pub fn write_sparsified(
+    src: &dyn Source,
+    config: &Config,
+    plan: &SparsityPlan,
+    calibration_text: &str,
+    out: &Path,
+    opts: &WriteOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<WriteReport> {
+    let (d, ff) = (config.n_embd, config.n_ff);
+    if plan.layers.len() != config.n_layer || plan.layers.iter().any(|l| l.perm.len() != ff) {
+        return Err(Error::Invalid(
+            "the sparsity plan does not match the model's layers".into(),
+        ));
+    }
+    if src
+        .metadata()
+        .iter()
+        .any(|(k, _)| k.starts_with("pare.sparse."))
+    {
+        return Err(Error::Invalid(format!(
+            "{} is already sparsified; sparsify the original model",
+            src.describe()
+        )));
+    }
+    let base = copy_format(src, opts)?;
+    let gu_ty = format::storage_type(base, 2 * ff);
+    let down_ty = format::storage_type(base, d);
+    let mut specs: Vec<TensorSpec> = src
+        .tensors()
+        .iter()
+        .map(|t| {
+            let ty = t.stored.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: sparsify copies tensors as stored; write the model as a GGUF first \
+                     (pare convert)",
+                    src.describe()
+                ))
+            })?;
+            Ok(TensorSpec::new(t.name.clone(), &t.dims, ty))
+        })
+        .collect::<Result<_>>()?;
+    for l in 0..config.n_layer {
+        specs.push(TensorSpec::new(
+            gate_up_name(l),
+            &[2 * ff as u64, d as u64],
+            gu_ty,
+        ));
+        specs.push(TensorSpec::new(
+            down_name(l),
+            &[d as u64, ff as u64],
+            down_ty,
+        ));
+    }
+    let mut meta = src.metadata();
+    for (k, v) in plan.metadata(calibration_text) {
+        gguf_writer::set(&mut meta, &k, v);
+    }
+    let mut w = GgufWriter::create(out, &meta, &specs, opts.cancel)?;
+    for t in src.tensors() {
+        let bytes = src
+            .stored_bytes(&t.name)
+            .ok_or_else(|| Error::Model(format!("{}: no data for {:?}", src.describe(), t.name)))?;
+        w.write_tensor(&t.name, bytes)?;
+    }
+    let qopts = Options {
+        method: opts.method,
+        importance: None,
+    };
+    for (l, lp) in plan.layers.iter().enumerate() {
+        let read = |m: &str| src.read_f32(&format!("blk.{l}.{m}.weight"));
+        let (gate, up, down) = (read("ffn_gate")?, read("ffn_up")?, read("ffn_down")?);
+        if gate.len() != ff * d || up.len() != ff * d || down.len() != ff * d {
+            return Err(Error::Model(format!(
+                "layer {l}: FFN shapes differ from the config"
+            )));
+        }
+        let mut gu = vec![0f32; d * 2 * ff];
+        for (i, row) in gu.chunks_exact_mut(2 * ff).enumerate() {
+            for (k, &j) in lp.perm.iter().enumerate() {
+                row[k] = gate[j as usize * d + i];
+                row[ff + k] = up[j as usize * d + i];
+            }
+        }
+        let mut dn = vec![0f32; ff * d];
+        for (k, row) in dn.chunks_exact_mut(d).enumerate() {
+            let j = lp.perm[k] as usize;
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = down[r * ff + j];
+            }
+        }
+        for (name, ty, x, row_len) in [
+            (gate_up_name(l), gu_ty, &gu, 2 * ff),
+            (down_name(l), down_ty, &dn, d),
+        ] {
+            let mut q = vec![0u8; ty.row_bytes(row_len)? * (x.len() / row_len)];
+            quantize_rows(ty, x, row_len, &qopts, &mut q)?;
+            w.write_tensor(&name, &q)?;
+        }
+        progress(l + 1, plan.layers.len());
+    }
+    let file_bytes = w.finish()?;
+    Ok(WriteReport {
+        path: out.to_path_buf(),
+        file_bytes,
+        format: base,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bins_are_monotone_and_edges_bound_them() {
+        let mut last = 0;
+        for e in -24..14 {
+            for m in [1.0f32, 1.1, 1.5, 1.9] {
+                let v = m * 2f32.powi(e);
+                let b = bin(v);
+                assert!(b >= last);
+                last = b;
+                if b > 0 && b < BINS - 1 {
+                    assert!(bin_edge(b) <= v && v < bin_edge(b + 1), "{v}");
+                }
+            }
+        }
+        assert_eq!(bin(0.0), 0);
+        assert_eq!(bin(-3.0), bin(3.0));
+    }
+
+    #[test]
+    fn quantiles_of_a_known_histogram() {
+        let mut h = vec![0u64; BINS];
+        for i in 1..=1000 {
+            h[bin(i as f32 / 1000.0)] += 1;
+        }
+        for q in [0.1, 0.5, 0.9] {
+            let t = quantile(&h, q);
+            // Within a bin width (9%) of the exact quantile.
+            assert!((t as f64 / q - 1.0).abs() < 0.1, "q {q}: {t}");
+        }
+        assert_eq!(quantile(&h, 0.0), 0.0);
+        assert_eq!(quantile(&h, 1.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn plan_puts_frequent_neurons_first() {
+        let n_ff = 8;
+        let mut ls = LayerStats::new(n_ff);
+        let tokens = 100;
+        for j in 0..n_ff {
+            // Neuron j is large on j·10 of the tokens and tiny on the others.
+            let big = (j * 10) as u32;
+            ls.neuron_hist[j * BINS + bin(1.0)] += big;
+            ls.neuron_hist[j * BINS + bin(1e-3)] += tokens - big;
+        }
+        ls.input_hist[bin(0.5)] = 50;
+        ls.input_hist[bin(2.0)] = 50;
+        let stats = NeuronStats {
+            tokens: tokens as usize,
+            n_ff,
+            layers: vec![ls],
+        };
+        let plan = SparsityPlan::new(&stats, 0.25, &[0.25, 0.5]).unwrap();
+        let lp = &plan.layers[0];
+        assert_eq!(lp.perm, vec![7, 6, 5, 4, 3, 2, 1, 0]);
+        assert_eq!(lp.n_hot, 2);
+        assert!(lp.input_thresholds[0] < 0.6 && lp.input_thresholds[1] < 0.6);
+        assert!(lp.neuron_thresholds[0] < 1e-2);
+        assert!(SparsityPlan::new(&stats, 0.25, &[0.5, 0.25]).is_err());
+        assert!(SparsityPlan::new(&stats, 1.5, &[0.5]).is_err());
+    }
+}

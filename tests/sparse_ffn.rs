@@ -1,0 +1,190 @@
+//! Sparse FFN execution end to end on a small synthetic Llama (scripts/make_synthetic_model.py):
+//! calibrate, sparsify, load, and compare with the unsparsified model.
+//!
+//! With f32 weights the input-major copies are exact (transposing needs no re-quantization), so
+//! the sparse path with every threshold 0 must give the original model's logits up to float
+//! rounding: that checks the neuron permutation, the layout and the kernels together.
+
+mod common;
+
+use pare::convert::open_source;
+use pare::model::{Logits, Model, State};
+use pare::plan::sparsify::{self, SparsityPlan, WriteOptions};
+use pare::quant::quantize::Method;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    original: std::path::PathBuf,
+    sparse: std::path::PathBuf,
+    calib: Vec<u32>,
+}
+
+fn fixture(ty: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join(format!("llama-{ty}.gguf"));
+    common::run_script(
+        "make_synthetic_model.py",
+        &[
+            original.to_str().unwrap(),
+            "--arch",
+            "llama",
+            "--seed",
+            "3",
+            "--type",
+            ty,
+        ],
+    );
+    let model = Model::load(&original).unwrap();
+    let calib: Vec<u32> = (0..256u32).map(|i| (i * 97 + 13) % 256).collect();
+    let stats = sparsify::collect_stats(&model, &calib, 64, None, |_, _| {}).unwrap();
+    assert_eq!(stats.tokens, 256);
+    let plan = SparsityPlan::new(&stats, 0.25, &[0.2, 0.4, 0.6]).unwrap();
+    // Hot neurons first: frequencies do not increase along the permutation.
+    for lp in &plan.layers {
+        let f: Vec<f32> = lp.perm.iter().map(|&j| lp.freq[j as usize]).collect();
+        assert!(f.windows(2).all(|w| w[0] >= w[1]));
+        let mut sorted = lp.perm.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..lp.perm.len() as u32).collect::<Vec<_>>());
+    }
+    let sparse = dir.path().join(format!("llama-{ty}.sparse.gguf"));
+    let src = open_source(&original).unwrap();
+    let opts = WriteOptions {
+        format: None,
+        method: Method::Search,
+        cancel: None,
+    };
+    sparsify::write_sparsified(
+        src.as_ref(),
+        &model.config,
+        &plan,
+        "synthetic",
+        &sparse,
+        &opts,
+        |_, _| {},
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        original,
+        sparse,
+        calib,
+    }
+}
+
+/// Decoding one token at a time is the sparse path's case.
+use common::decode_logits as decode;
+
+fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (p, q) in x.iter().zip(y) {
+            worst = worst.max((p - q).abs() / scale);
+        }
+    }
+    worst
+}
+
+const PROMPT: [u32; 24] = [
+    188, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 3, 9, 250, 17, 64, 65, 66, 200,
+    201, 5, 77,
+];
+
+#[test]
+fn sparse_path_at_zero_equals_the_original_model() {
+    let f = fixture("f32");
+    let mut original = Model::load(&f.original).unwrap();
+    original.exact_activations = true;
+    let want = decode(&original, &PROMPT);
+
+    let mut sparse = Model::load(&f.sparse).unwrap();
+    assert!(sparse.sparse.is_some());
+    // Dense (S = 0): the source's own tensors, bit for bit.
+    sparse.exact_activations = true;
+    sparse.set_sparsity(0.0).unwrap();
+    assert_eq!(decode(&sparse, &PROMPT), want);
+    // The sparse kernels on the permuted input-major copies, nothing skipped.
+    sparse.set_sparse_path(0.0).unwrap();
+    let got = decode(&sparse, &PROMPT);
+    let d = max_rel_diff(&got, &want);
+    assert!(d < 1e-4, "sparse path at S = 0 differs from dense by {d}");
+    let st = sparse.sparse.as_ref().unwrap().stats();
+    assert_eq!(
+        st.token_layers,
+        (PROMPT.len() * sparse.config.n_layer) as u64
+    );
+    assert!(st.sparsity() < 0.01, "{}", st.sparsity());
+}
+
+#[test]
+fn levels_skip_what_they_promise_and_change_the_output_gradually() {
+    let f = fixture("f32");
+    let mut model = Model::load(&f.sparse).unwrap();
+    let dense = {
+        model.set_sparse_path(0.0).unwrap();
+        decode(&model, &PROMPT)
+    };
+    let mut last = 0.0;
+    for s in [0.2f32, 0.3, 0.4, 0.6] {
+        model.set_sparsity(s).unwrap();
+        let sp = model.sparse.as_ref().unwrap();
+        sp.reset_stats();
+        // On the calibration tokens the achieved sparsity is the level (up to the histograms'
+        // resolution and the change the skipping itself causes upstream).
+        let mut st = State::new(&model, 64).unwrap();
+        for chunk in f.calib.chunks(64) {
+            st.reset();
+            for &t in chunk {
+                model.forward(&mut st, &[t], Logits::None).unwrap();
+            }
+        }
+        let achieved = model.sparse.as_ref().unwrap().stats().sparsity();
+        assert!(
+            (achieved - s as f64).abs() < 0.06,
+            "level {s}: achieved {achieved}"
+        );
+        let d = max_rel_diff(&decode(&model, &PROMPT), &dense);
+        assert!(d > last, "level {s}: difference {d} not above {last}");
+        last = d;
+    }
+    assert!(last < 1.0, "{last}");
+}
+
+#[test]
+fn sparsity_needs_a_sparsified_model_and_a_calibrated_level() {
+    let f = fixture("f16");
+    let mut original = Model::load(&f.original).unwrap();
+    original.set_sparsity(0.0).unwrap();
+    let e = original.set_sparsity(0.3).unwrap_err().to_string();
+    assert!(e.contains("pare sparsify"), "{e}");
+    let mut sparse = Model::load(&f.sparse).unwrap();
+    assert!(sparse.set_sparsity(0.7).is_err());
+    assert!(sparse.set_sparsity(-0.1).is_err());
+    assert!(sparse.set_sparsity(f32::NAN).is_err());
+    sparse.set_sparsity(0.5).unwrap();
+    assert_eq!(sparse.sparse.as_ref().unwrap().level(), Some(0.5));
+    // A sparsified file is not sparsified again.
+    let src = open_source(&f.sparse).unwrap();
+    let stats = sparsify::collect_stats(&sparse, &f.calib, 64, Some(1), |_, _| {}).unwrap();
+    let plan = SparsityPlan::new(&stats, 0.1, &[0.5]).unwrap();
+    let out = f.sparse.with_extension("again.gguf");
+    let opts = WriteOptions {
+        format: None,
+        method: Method::Rtn,
+        cancel: None,
+    };
+    let e = sparsify::write_sparsified(
+        src.as_ref(),
+        &sparse.config,
+        &plan,
+        "",
+        &out,
+        &opts,
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already sparsified"), "{e}");
+    assert!(!out.exists());
+}
