@@ -138,6 +138,17 @@ pub fn kl_format() -> GgmlType {
     format::parse("q3_g64").expect("known format")
 }
 
+fn clamp_to_median(v: &mut [f64], factor: f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let Some(&med) = s.get(s.len() / 2) else {
+        return;
+    };
+    for x in v.iter_mut() {
+        *x = x.clamp(med / factor, med * factor);
+    }
+}
+
 /// The matrix kind of `blk.N.KIND.weight` names (`attn_q`, `ffn_down`).
 fn kind_of(name: &str) -> Option<&str> {
     let rest = name.strip_prefix("blk.")?;
@@ -221,6 +232,11 @@ fn apply_kl_rates(
             b[ki] = if e > 0.0 { kl(nb + ki) / e } else { 1.0 };
         }
     }
+    // A block or kind whose KL on a few hundred tokens is near the noise floor would get a rate
+    // near zero and all its tensors the fewest bits; measured rates are kept within a factor of
+    // the median (4 for blocks, 10 for kinds), which no block or kind of SmolLM2 needed otherwise.
+    clamp_to_median(&mut a, 4.0);
+    clamp_to_median(&mut b, 10.0);
     for i in 0..tensors.len() {
         let rate = match (block_of[i], kind_idx[i]) {
             (Some(bi), Some(ki)) => a[bi] * b[ki],
