@@ -1,10 +1,13 @@
 //! The transformer: configuration, weights, KV cache and the one forward pass that inference,
 //! evaluation and training all use.
 
+pub mod backward;
 pub mod config;
+pub mod dense;
 pub mod forward;
 pub mod gguf_metadata;
 pub mod kv_cache;
+pub mod lora;
 pub mod ops;
 pub mod weights;
 
@@ -14,6 +17,7 @@ use std::sync::Arc;
 pub use config::{Arch, Config, RopeStyle};
 pub use forward::{Logits, Observer, State};
 pub use kv_cache::KvCache;
+pub use lora::{Lora, LoraConfig, Target};
 pub use weights::{LayerWeights, TensorSource, Weights};
 
 use crate::error::Result;
@@ -49,6 +53,8 @@ pub struct Model {
     /// Compute every product in f32 on dequantized weights instead of on 8-bit activations: the
     /// slow reference path (the default, like llama.cpp, quantizes activations).
     pub exact_activations: bool,
+    /// LoRA adapters applied unmerged in every forward pass (`pare run --lora`).
+    pub lora: Option<Arc<Lora>>,
 }
 
 impl Model {
@@ -70,6 +76,7 @@ impl Model {
             weights,
             source: ModelSource::Gguf(gguf),
             exact_activations: false,
+            lora: None,
         })
     }
 
@@ -81,6 +88,7 @@ impl Model {
             weights,
             source: ModelSource::Hf(ck),
             exact_activations: false,
+            lora: None,
         })
     }
 
