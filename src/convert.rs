@@ -452,12 +452,26 @@ pub fn convert(
     src: &dyn Source,
     out: &Path,
     opts: &ConvertOptions,
-    mut progress: impl FnMut(Progress),
+    progress: impl FnMut(Progress),
 ) -> Result<Report> {
     let planned = plan(src, opts)?;
     let meta = output_metadata(src, &planned, opts);
+    write_planned(src, out, planned, &meta, opts, progress)
+}
+
+/// Writes `planned` tensors of `src` with metadata `meta` to `out` (atomically), each copied or
+/// quantized from f32 as planned, with `opts.method` and `opts.cancel`: the second half of
+/// [`convert`], for callers that plan tensor by tensor (`pare merge`).
+pub fn write_planned(
+    src: &dyn Source,
+    out: &Path,
+    planned: Vec<Planned>,
+    meta: &[(String, Value)],
+    opts: &ConvertOptions,
+    mut progress: impl FnMut(Progress),
+) -> Result<Report> {
     let specs: Vec<TensorSpec> = planned.iter().map(|p| p.spec.clone()).collect();
-    let mut w = GgufWriter::create(out, &meta, &specs, opts.cancel)?;
+    let mut w = GgufWriter::create(out, meta, &specs, opts.cancel)?;
     let qopts = Options {
         method: opts.method,
         importance: None,

@@ -16,5 +16,6 @@ pub mod parallel;
 pub mod plan;
 pub mod plot;
 pub mod quant;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -4,8 +4,10 @@ mod bench;
 mod convert;
 mod export;
 mod inspect;
+mod merge;
 mod perplexity;
 mod run;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -32,10 +34,14 @@ enum Command {
     Export(export::Args),
     /// Tensors, formats, sizes and metadata of a model file.
     Inspect(inspect::Args),
+    /// Fold LoRA adapters into a GGUF base and re-quantize, writing a new GGUF.
+    Merge(merge::Args),
     /// Perplexity of a text the way llama-perplexity measures it; KL divergence to a saved base.
     Perplexity(perplexity::Args),
     /// Generate text from a prompt, streamed to stdout.
     Run(run::Args),
+    /// Fine-tune LoRA adapters (optionally quantization-aware) through the frozen quantized model.
+    Tune(tune::Args),
 }
 
 /// Options every model-running command shares.
@@ -51,6 +57,9 @@ pub struct Common {
     /// 8-bit activations.
     #[arg(long)]
     pub exact_activations: bool,
+    /// Apply the LoRA adapters in this PEFT directory, unmerged.
+    #[arg(long)]
+    pub lora: Option<std::path::PathBuf>,
 }
 
 impl Common {
@@ -69,6 +78,10 @@ impl Common {
         }
         let mut model = pare::model::Model::load(&self.model)?;
         model.exact_activations = self.exact_activations;
+        if let Some(dir) = &self.lora {
+            let lora = pare::model::Lora::load(dir, &model.config)?;
+            model.lora = Some(std::sync::Arc::new(lora));
+        }
         Ok(model)
     }
 }
@@ -80,8 +93,10 @@ pub fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Run(a) => run::run(a),
+        Command::Tune(a) => tune::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
