@@ -37,13 +37,14 @@ impl Stream {
     }
 
     /// Cuts the stream into sequences of `len` positions (len + 1 ids, consecutive windows sharing
-    /// one id); drops windows without a scored token and the short tail.
+    /// one id; the last may be shorter); drops windows without a scored token.
     fn pack(&self, len: usize) -> Vec<Sample> {
         let mut out = Vec::new();
         let mut s = 0;
-        while s + len < self.ids.len() {
-            let tokens = self.ids[s..s + len + 1].to_vec();
-            let scored = self.target[s + 1..s + len + 1].to_vec();
+        while s + 1 < self.ids.len() {
+            let end = (s + len + 1).min(self.ids.len());
+            let tokens = self.ids[s..end].to_vec();
+            let scored = self.target[s + 1..end].to_vec();
             if scored.iter().any(|&b| b) {
                 out.push(Sample { tokens, scored });
             }
@@ -215,8 +216,9 @@ mod tests {
         st.push(&[1, 2, 3], false);
         st.push(&[4, 5, 6, 7, 8], true);
         let s = st.pack(3);
-        // Windows [1,2,3,4] (targets 2,3,4: 4 scored), [4,5,6,7]; the tail [7,8] is too short.
-        assert_eq!(s.len(), 2);
+        // Windows [1,2,3,4] (targets 2,3,4: 4 scored), [4,5,6,7], and the shorter tail [7,8].
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[2].tokens, vec![7, 8]);
         assert_eq!(s[0].tokens, vec![1, 2, 3, 4]);
         assert_eq!(s[0].scored, vec![false, false, true]);
         assert_eq!(s[1].tokens, vec![4, 5, 6, 7]);

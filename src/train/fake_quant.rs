@@ -122,14 +122,7 @@ impl FakeQuant {
     /// Runs `f(row, group start, group values, (d, m), codes)` for every group of every row of
     /// `v`, after quantizing it; rows spread over the worker threads. For float grids the whole
     /// row is one group with `codes` empty.
-    fn per_group(
-        &self,
-        g: Grid,
-        rows: usize,
-        cols: usize,
-        v: &mut [f32],
-        f: &GroupFn,
-    ) {
+    fn per_group(&self, g: Grid, rows: usize, cols: usize, v: &mut [f32], f: &GroupFn) {
         let method = self.method;
         let ptr = crate::parallel::DisjointMut::new(v);
         crate::parallel::for_each(rows, &|r| {
