@@ -11,19 +11,7 @@ use pare::model::{Logits, Lora, LoraConfig, Model, State, Target};
 
 fn synthetic(arch: &str, ty: &str) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(format!("{arch}-{ty}.gguf"));
-    common::run_script(
-        "make_synthetic_model.py",
-        &[
-            path.to_str().unwrap(),
-            "--arch",
-            arch,
-            "--seed",
-            "3",
-            "--type",
-            ty,
-        ],
-    );
+    let path = common::synthetic_model(dir.path(), arch, ty, 3, 2);
     let mut model = Model::load(&path).unwrap();
     model.exact_activations = true;
     (dir, model)

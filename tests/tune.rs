@@ -16,23 +16,7 @@ use pare::train::fake_quant::{FakeQuant, QatMode};
 use pare::train::trainer::{TrainOptions, Trainer};
 
 fn synthetic(dir: &std::path::Path, ty: &str, layers: usize) -> std::path::PathBuf {
-    let path = dir.join(format!("llama-{ty}-{layers}.gguf"));
-    let layers = layers.to_string();
-    common::run_script(
-        "make_synthetic_model.py",
-        &[
-            path.to_str().unwrap(),
-            "--arch",
-            "llama",
-            "--seed",
-            "4",
-            "--type",
-            ty,
-            "--layers",
-            &layers,
-        ],
-    );
-    path
+    common::synthetic_model(dir, "llama", ty, 4, layers)
 }
 
 fn load(path: &std::path::Path) -> Model {

@@ -82,3 +82,24 @@ pub fn reference_logits(model: &Path, cases: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> 
         .map(|c| serde_json::from_value(c["logits"].clone()).unwrap())
         .collect()
 }
+
+/// Writes a small random GGUF (scripts/make_synthetic_model.py) into `dir` and returns its path.
+pub fn synthetic_model(dir: &Path, arch: &str, ty: &str, seed: u64, layers: usize) -> PathBuf {
+    let path = dir.join(format!("{arch}-{ty}-s{seed}-l{layers}.gguf"));
+    let (seed, layers) = (seed.to_string(), layers.to_string());
+    run_script(
+        "make_synthetic_model.py",
+        &[
+            path.to_str().unwrap(),
+            "--arch",
+            arch,
+            "--seed",
+            &seed,
+            "--type",
+            ty,
+            "--layers",
+            &layers,
+        ],
+    );
+    path
+}
