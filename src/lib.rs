@@ -17,5 +17,6 @@ pub mod pipeline;
 pub mod plan;
 pub mod plot;
 pub mod quant;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -4,11 +4,13 @@ mod bench;
 mod convert;
 mod export;
 mod inspect;
+mod merge;
 mod perplexity;
 mod quantize;
 mod run;
 mod sparsify;
 mod stages;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -35,6 +37,8 @@ enum Command {
     Export(export::Args),
     /// Tensors, formats, sizes and metadata of a model file.
     Inspect(inspect::Args),
+    /// Fold LoRA adapters into a GGUF base and re-quantize, writing a new GGUF.
+    Merge(merge::Args),
     /// Perplexity of a text the way llama-perplexity measures it; KL divergence to a saved base.
     Perplexity(perplexity::Args),
     /// Mixed-precision quantization within a memory budget: calibrate, measure each tensor's
@@ -44,6 +48,8 @@ enum Command {
     Run(run::Args),
     /// Calibrate hot/cold neurons and activation thresholds; write a model for sparse FFN execution.
     Sparsify(sparsify::Args),
+    /// Fine-tune LoRA adapters (optionally quantization-aware) through the frozen quantized model.
+    Tune(tune::Args),
 }
 
 /// Options every model-running command shares.
@@ -66,6 +72,9 @@ pub struct Common {
     /// Run the sparse FFN kernels even at --sparsity 0 (measures the sparse copies and kernels).
     #[arg(long, hide = true)]
     pub sparse_path: bool,
+    /// Apply the LoRA adapters in this PEFT directory, unmerged.
+    #[arg(long)]
+    pub lora: Option<std::path::PathBuf>,
 }
 
 impl Common {
@@ -89,6 +98,10 @@ impl Common {
         } else {
             model.set_sparsity(self.sparsity)?;
         }
+        if let Some(dir) = &self.lora {
+            let lora = pare::model::Lora::load(dir, &model.config)?;
+            model.lora = Some(std::sync::Arc::new(lora));
+        }
         Ok(model)
     }
 }
@@ -100,10 +113,12 @@ pub fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Run(a) => run::run(a),
         Command::Sparsify(a) => sparsify::run(a),
+        Command::Tune(a) => tune::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -61,6 +61,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         exact_activations: false,
         sparsity: 0.0,
         sparse_path: false,
+        lora: None,
     };
     let format = a.format.as_deref().map(format::parse).transpose()?;
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;

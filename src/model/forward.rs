@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::config::Config;
 use super::kv_cache::KvCache;
+use super::lora::Target;
 use super::ops;
 use super::Model;
 use crate::error::{Error, Result};
@@ -304,6 +305,11 @@ impl Model {
                 &mut [(&lw.wq, &mut *q), (&lw.wk, &mut *k), (&lw.wv, &mut *v)],
                 &input,
             );
+            if let Some(lora) = &self.lora {
+                lora.add_to(l, Target::Q, xn, n, q);
+                lora.add_to(l, Target::K, xn, n, k);
+                lora.add_to(l, Target::V, xn, n, v);
+            }
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
                 ops::rms_norm_inplace(q, qn, c.rms_eps);
                 ops::rms_norm_inplace(k, kn, c.rms_eps);
@@ -335,6 +341,9 @@ impl Model {
                 &input_for(exact, obs, &mut s.q8, att, n, &[&lw.wo]),
                 o,
             );
+            if let Some(lora) = &self.lora {
+                lora.add_to(l, Target::O, att, n, o);
+            }
             add_assign(&mut s.x[..n * d], o);
 
             // Feed-forward block.
@@ -346,12 +355,19 @@ impl Model {
                 let (gate, up) = (&mut s.gate[..n * c.n_ff], &mut s.up[..n * c.n_ff]);
                 let input = input_for(exact, obs, &mut s.q8, xn, n, &[&lw.gate, &lw.up]);
                 matmul_many(&mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)], &input);
+                if let Some(lora) = &self.lora {
+                    lora.add_to(l, Target::Gate, xn, n, gate);
+                    lora.add_to(l, Target::Up, xn, n, up);
+                }
                 ops::swiglu(gate, up);
                 matmul(
                     &lw.down,
                     &input_for(exact, obs, &mut s.q8, gate, n, &[&lw.down]),
                     o,
                 );
+                if let Some(lora) = &self.lora {
+                    lora.add_to(l, Target::Down, gate, n, o);
+                }
             }
             add_assign(&mut s.x[..n * d], o);
         }

@@ -1,10 +1,13 @@
 //! The transformer: configuration, weights, KV cache and the one forward pass that inference,
 //! evaluation and training all use.
 
+pub mod backward;
 pub mod config;
+pub mod dense;
 pub mod forward;
 pub mod gguf_metadata;
 pub mod kv_cache;
+pub mod lora;
 pub mod ops;
 pub mod sparse_ffn;
 pub mod weights;
@@ -15,6 +18,7 @@ use std::sync::Arc;
 pub use config::{Arch, Config, RopeStyle};
 pub use forward::{Batch, Logits, Observer, State};
 pub use kv_cache::KvCache;
+pub use lora::{Lora, LoraConfig, Target};
 pub use weights::{LayerWeights, TensorSource, Weights};
 
 use crate::error::Result;
@@ -52,6 +56,8 @@ pub struct Model {
     pub exact_activations: bool,
     /// Sparse FFN execution, when the file was written by `pare sparsify`.
     pub sparse: Option<sparse_ffn::SparseFfn>,
+    /// LoRA adapters applied unmerged in every forward pass (`pare run --lora`).
+    pub lora: Option<Arc<Lora>>,
 }
 
 impl Model {
@@ -75,6 +81,7 @@ impl Model {
             source: ModelSource::Gguf(gguf),
             exact_activations: false,
             sparse,
+            lora: None,
         })
     }
 
@@ -87,6 +94,7 @@ impl Model {
             source: ModelSource::Hf(ck),
             exact_activations: false,
             sparse: None,
+            lora: None,
         })
     }
 

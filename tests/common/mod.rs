@@ -94,3 +94,24 @@ pub fn decode_logits(model: &pare::model::Model, toks: &[u32]) -> Vec<Vec<f32>> 
         })
         .collect()
 }
+
+/// Writes a small random GGUF (scripts/make_synthetic_model.py) into `dir` and returns its path.
+pub fn synthetic_model(dir: &Path, arch: &str, ty: &str, seed: u64, layers: usize) -> PathBuf {
+    let path = dir.join(format!("{arch}-{ty}-s{seed}-l{layers}.gguf"));
+    let (seed, layers) = (seed.to_string(), layers.to_string());
+    run_script(
+        "make_synthetic_model.py",
+        &[
+            path.to_str().unwrap(),
+            "--arch",
+            arch,
+            "--seed",
+            &seed,
+            "--type",
+            ty,
+            "--layers",
+            &layers,
+        ],
+    );
+    path
+}

@@ -1,0 +1,203 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use pare::model::{LoraConfig, Target};
+use pare::train::checkpointing::Checkpoint;
+use pare::train::fake_quant::QatMode;
+use pare::train::trainer::{TrainOptions, Trainer};
+use pare::train::{data, memory};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    common: super::Common,
+    /// Training data: plain text, or JSONL chat ({"messages": [...]} per line; loss on assistant
+    /// tokens only).
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Output directory: the PEFT adapter, loss.png, and checkpoint/.
+    #[arg(short = 'o', long = "output")]
+    output: std::path::PathBuf,
+    /// Quantization-aware training: none (plain LoRA), ste or clipped (straight-through estimators
+    /// through the base format's quantizer).
+    #[arg(long, default_value = "none")]
+    qat: String,
+    /// Gradient checkpointing: none, every, every:N or sqrt.
+    #[arg(long, default_value = "none")]
+    checkpoint: String,
+    /// Refuse to start when the estimated memory exceeds this (e.g. 400MiB), suggesting what fits.
+    #[arg(long)]
+    memory_budget: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Modules to adapt: q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,v")]
+    targets: String,
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// Scale adapters by alpha/√rank (rsLoRA) instead of alpha/rank.
+    #[arg(long)]
+    rslora: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the gradient norm to this (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Sequences per step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    /// Fraction of the packed sequences held out for validation (the tail of the file).
+    #[arg(long, default_value_t = 0.05)]
+    val_split: f32,
+    /// Validate every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Validation sequences per evaluation (0: all held out).
+    #[arg(long, default_value_t = 8)]
+    eval_samples: usize,
+    /// Checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Continue the run checkpointed in this directory (same data; --steps may extend it).
+    #[arg(long)]
+    resume: Option<std::path::PathBuf>,
+}
+
+/// Set by Ctrl-C: the trainer saves a checkpoint and stops.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model = a.common.load()?;
+    anyhow::ensure!(
+        model.lora.is_none(),
+        "--lora adapters cannot be trained further; use --resume"
+    );
+    let tok = model.tokenizer()?;
+    let template = model.chat_template()?;
+    let checkpoint = Checkpoint::parse(&a.checkpoint)?;
+    let opts = TrainOptions {
+        lora: LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            targets: Target::parse_list(&a.targets)?,
+            dropout: a.dropout,
+            rslora: a.rslora,
+        },
+        steps: a.steps,
+        seq_len: a.seq_len,
+        accum: a.accum,
+        lr: a.lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        checkpoint,
+        qat: QatMode::parse(&a.qat)?,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        eval_samples: a.eval_samples,
+        save_every: a.save_every,
+        ..TrainOptions::default()
+    };
+    let samples = data::load(&a.data, &tok, template.as_ref(), a.seq_len)?;
+    let (train, val) = data::split(samples, a.val_split)?;
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(&model, dir, Some(a.steps), Some(checkpoint), train, val)?,
+        None => Trainer::new(&model, opts, train, val)?,
+    };
+    let est = memory::estimate(&model, &trainer.opts);
+    if let Some(b) = &a.memory_budget {
+        memory::check_budget(&model, &trainer.opts, memory::parse_size(b)?)?;
+    }
+    eprintln!(
+        "{}: {} adapter parameters (rank {}, {}), qat {}, checkpoint {}, {} threads",
+        a.common.model.display(),
+        trainer.lora.n_params(),
+        trainer.opts.lora.rank,
+        a.targets,
+        trainer.opts.qat.name(),
+        trainer.opts.checkpoint.name(),
+        pare::parallel::threads()
+    );
+    eprintln!("memory estimate: {}", est.describe());
+    if trainer.step > 0 {
+        eprintln!("resuming at step {}", trainer.step);
+    }
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
+    let pb = ProgressBar::new(trainer.opts.steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    pb.set_position(trainer.step as u64);
+    let base = a.common.model.display().to_string();
+    let result = trainer.run(&a.output, &base, &INTERRUPTED, |r| {
+        pb.set_position(r.step as u64);
+        pb.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            r.loss,
+            r.lr,
+            r.tokens_per_sec()
+        ));
+        if let Some(v) = r.val_loss {
+            pb.suspend(|| {
+                eprintln!(
+                    "step {}: train loss {:.4}, validation loss {v:.4} (ppl {:.3})",
+                    r.step,
+                    r.loss,
+                    v.exp()
+                )
+            });
+        }
+    });
+    pb.finish_and_clear();
+    let peak = pare::eval::bench::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64;
+    match result {
+        Err(pare::Error::Interrupted) => {
+            eprintln!(
+                "interrupted at step {}: checkpoint saved in {}; continue with --resume {}",
+                trainer.step,
+                a.output
+                    .join(pare::train::trainer::CHECKPOINT_DIR)
+                    .display(),
+                a.output.display()
+            );
+            std::process::exit(130);
+        }
+        r => r?,
+    }
+    let h = &trainer.history;
+    let (secs, toks): (f64, usize) = h
+        .iter()
+        .map(|r| (r.secs, r.tokens))
+        .fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    println!(
+        "trained {} steps: final train loss {:.4}{}; {:.1} tok/s, {:.2} s/step; peak RSS {peak:.1} MiB \
+         (activations at peak {:.1} MiB); adapters in {}",
+        trainer.step,
+        h.last().map_or(f64::NAN, |r| r.loss),
+        h.last()
+            .and_then(|r| r.val_loss)
+            .map(|v| format!(", validation loss {v:.4} (ppl {:.3})", v.exp()))
+            .unwrap_or_default(),
+        toks as f64 / secs.max(1e-9),
+        secs / h.len().max(1) as f64,
+        h.iter().map(|r| r.peak_activation_bytes).max().unwrap_or(0) as f64 / (1 << 20) as f64,
+        a.output.display()
+    );
+    Ok(())
+}

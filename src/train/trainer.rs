@@ -1,0 +1,604 @@
+//! The training loop: AdamW on the adapters, warmup + cosine learning rate, gradient clipping and
+//! accumulation, validation loss every N steps, atomic checkpoints every N steps (and whenever the
+//! caller's cancel flag is raised), exact resumption, and a PNG loss curve.
+//!
+//! Every random choice is a function of (seed, step): which samples a step draws
+//! ([`data::sample_index`]) and the dropout masks (seeded per micro-batch), so a run resumed from a
+//! checkpoint continues exactly as the uninterrupted run would have.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::checkpointing::{loss_and_grad, Checkpoint};
+use super::data::{self, Sample};
+use super::fake_quant::{FakeQuant, QatMode};
+use super::optimizer::{clip_grad_norm, AdamW, Schedule};
+use crate::error::{Error, Result};
+use crate::format::safetensors::{self as st, Dtype, LazyTensor, SafetensorsFile};
+use crate::model::backward::{MergedWeight, Trainable};
+use crate::model::{Lora, LoraConfig, Model, Target};
+use crate::quant::quantize::Method;
+
+/// Everything that shapes a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    pub lora: LoraConfig,
+    /// Optimizer updates in the whole run.
+    pub steps: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per update (gradient accumulation).
+    pub accum: usize,
+    pub lr: f32,
+    pub warmup: usize,
+    /// The cosine decays to `lr · min_lr_ratio`.
+    pub min_lr_ratio: f32,
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (0: off).
+    pub clip: f32,
+    pub checkpoint: Checkpoint,
+    pub qat: QatMode,
+    pub seed: u64,
+    /// Validation every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Validation sequences used (0: all).
+    pub eval_samples: usize,
+    /// Checkpoint every this many steps (0: only at the end and on cancel).
+    pub save_every: usize,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            lora: LoraConfig::default(),
+            steps: 100,
+            seq_len: 256,
+            accum: 1,
+            lr: 1e-3,
+            warmup: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            clip: 1.0,
+            checkpoint: Checkpoint::None,
+            qat: QatMode::None,
+            seed: 42,
+            eval_every: 0,
+            eval_samples: 0,
+            save_every: 0,
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if self.accum == 0 {
+            return bad("gradient accumulation must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("learning rate {} must be positive", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "min lr ratio {} must be in [0, 1]",
+                self.min_lr_ratio
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.clip >= 0.0) {
+            return bad("weight decay and clipping must not be negative".into());
+        }
+        if self.qat != QatMode::None && self.lora.dropout > 0.0 {
+            return bad("LoRA dropout applies to unmerged adapters; use it with --qat none".into());
+        }
+        Ok(())
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            peak: self.lr,
+            warmup: self.warmup,
+            total: self.steps,
+            min_ratio: self.min_lr_ratio,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "rank": self.lora.rank, "alpha": self.lora.alpha, "dropout": self.lora.dropout,
+            "rslora": self.lora.rslora,
+            "targets": self.lora.targets.iter().map(|t| t.hf_module()).collect::<Vec<_>>(),
+            "steps": self.steps, "seq_len": self.seq_len, "accum": self.accum, "lr": self.lr,
+            "warmup": self.warmup, "min_lr_ratio": self.min_lr_ratio,
+            "weight_decay": self.weight_decay, "clip": self.clip,
+            "checkpoint": self.checkpoint.name(), "qat": self.qat.name(), "seed": self.seed,
+            "eval_every": self.eval_every, "eval_samples": self.eval_samples,
+            "save_every": self.save_every,
+        })
+    }
+
+    fn from_json(j: &serde_json::Value) -> Result<TrainOptions> {
+        let bad =
+            |k: &str| Error::Invalid(format!("trainer state: option {k:?} missing or malformed"));
+        let u = |k: &str| {
+            j.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(k))
+        };
+        let f = |k: &str| {
+            j.get(k)
+                .and_then(|v| v.as_f64())
+                .map(|v| v as f32)
+                .ok_or_else(|| bad(k))
+        };
+        let s = |k: &str| j.get(k).and_then(|v| v.as_str()).ok_or_else(|| bad(k));
+        let targets = j
+            .get("targets")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| bad("targets"))?
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .ok_or_else(|| bad("targets"))
+                    .and_then(Target::parse)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TrainOptions {
+            lora: LoraConfig {
+                rank: u("rank")?,
+                alpha: f("alpha")?,
+                targets,
+                dropout: f("dropout")?,
+                rslora: j
+                    .get("rslora")
+                    .and_then(|v| v.as_bool())
+                    .ok_or_else(|| bad("rslora"))?,
+            },
+            steps: u("steps")?,
+            seq_len: u("seq_len")?,
+            accum: u("accum")?,
+            lr: f("lr")?,
+            warmup: u("warmup")?,
+            min_lr_ratio: f("min_lr_ratio")?,
+            weight_decay: f("weight_decay")?,
+            clip: f("clip")?,
+            checkpoint: Checkpoint::parse(s("checkpoint")?)?,
+            qat: QatMode::parse(s("qat")?)?,
+            seed: j
+                .get("seed")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| bad("seed"))?,
+            eval_every: u("eval_every")?,
+            eval_samples: u("eval_samples")?,
+            save_every: u("save_every")?,
+        })
+    }
+}
+
+/// One optimizer step, as logged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record {
+    /// Steps done after this one.
+    pub step: usize,
+    /// Mean loss per scored token of the step's sequences.
+    pub loss: f64,
+    pub lr: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Tokens through the model in this step, and the seconds it took.
+    pub tokens: usize,
+    pub secs: f64,
+    pub recomputed_layers: usize,
+    pub peak_activation_bytes: usize,
+    /// Validation loss, when this step ran one.
+    pub val_loss: Option<f64>,
+}
+
+impl Record {
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.tokens as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// A training run in progress.
+pub struct Trainer<'m> {
+    pub model: &'m Model,
+    pub opts: TrainOptions,
+    pub lora: Lora,
+    grads: Lora,
+    opt: AdamW,
+    /// Steps done.
+    pub step: usize,
+    pub history: Vec<Record>,
+    train: Vec<Sample>,
+    val: Vec<Sample>,
+}
+
+/// File names inside a checkpoint directory (beside the PEFT adapter files).
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Subdirectory of the output directory that holds the latest checkpoint.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+impl<'m> Trainer<'m> {
+    /// A fresh run: new adapters (seeded), zero optimizer state.
+    pub fn new(
+        model: &'m Model,
+        opts: TrainOptions,
+        train: Vec<Sample>,
+        val: Vec<Sample>,
+    ) -> Result<Trainer<'m>> {
+        opts.validate()?;
+        if train.is_empty() {
+            return Err(Error::Invalid("no training sequences".into()));
+        }
+        if opts.qat != QatMode::None {
+            super::fake_quant::check_base(model, &opts.lora.targets)?;
+        }
+        let lora = Lora::new(&model.config, opts.lora.clone(), opts.seed)?;
+        let grads = Lora::zeros(&model.config, opts.lora.clone());
+        let sizes: Vec<usize> = lora.params().map(|p| p.len()).collect();
+        let opt = AdamW::new(&sizes, opts.weight_decay);
+        Ok(Trainer {
+            model,
+            opts,
+            lora,
+            grads,
+            opt,
+            step: 0,
+            history: Vec::new(),
+            train,
+            val,
+        })
+    }
+
+    /// Continues the run checkpointed in `dir` (an output directory holding `checkpoint/`, or a
+    /// checkpoint directory itself). `steps` and `checkpoint` may differ from the saved options
+    /// (the first extends or shortens the schedule; the second changes no result); everything else
+    /// is taken from the checkpoint.
+    pub fn resume(
+        model: &'m Model,
+        dir: &Path,
+        steps: Option<usize>,
+        checkpoint: Option<Checkpoint>,
+        train: Vec<Sample>,
+        val: Vec<Sample>,
+    ) -> Result<Trainer<'m>> {
+        let dir = find_checkpoint(dir)?;
+        let state_path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let j: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", state_path.display())))?;
+        let mut opts = TrainOptions::from_json(&j["options"])?;
+        if let Some(s) = steps {
+            opts.steps = s;
+        }
+        if let Some(c) = checkpoint {
+            opts.checkpoint = c;
+        }
+        let mut t = Trainer::new(model, opts, train, val)?;
+        let fp = j["data"]["fingerprint"].as_str().unwrap_or_default();
+        if fp != t.data_fingerprint() {
+            return Err(Error::Invalid(format!(
+                "{}: the training data differ from the run being resumed (same file, --seq-len \
+                 and --val-split are needed to continue exactly)",
+                dir.display()
+            )));
+        }
+        t.lora = Lora::load(&dir, &model.config)?;
+        if t.lora.config != t.opts.lora {
+            return Err(Error::Invalid(format!(
+                "{}: adapter config differs from the trainer state",
+                dir.display()
+            )));
+        }
+        t.step = j["step"].as_u64().unwrap_or(0) as usize;
+        t.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
+        let opt_file = SafetensorsFile::open(dir.join(OPTIMIZER_FILE))?;
+        for (i, (m, v)) in t.opt.m.iter_mut().zip(&mut t.opt.v).enumerate() {
+            for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
+                let e = opt_file.get(&name).ok_or_else(|| {
+                    Error::Invalid(format!("{}: {name} missing", opt_file.path.display()))
+                })?;
+                if e.n_elements() != buf.len() || e.dtype != Dtype::F32 {
+                    return Err(Error::Invalid(format!(
+                        "{}: {name} has the wrong shape",
+                        opt_file.path.display()
+                    )));
+                }
+                st::to_f32(e.dtype, opt_file.data(e), buf).map_err(Error::Invalid)?;
+            }
+        }
+        t.history = j["history"]
+            .as_array()
+            .map(|a| a.iter().filter_map(record_from_json).collect())
+            .unwrap_or_default();
+        Ok(t)
+    }
+
+    /// A short fingerprint of the packed data, so a resume can tell it is fed the same.
+    fn data_fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for s in self.train.iter().chain(&self.val) {
+            for &t in &s.tokens {
+                h = (h ^ t as u64).wrapping_mul(0x100_0000_01b3);
+            }
+            for &b in &s.scored {
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        format!("{}:{}:{h:016x}", self.train.len(), self.val.len())
+    }
+
+    fn qat(&self) -> Option<FakeQuant> {
+        (self.opts.qat != QatMode::None).then_some(FakeQuant {
+            mode: self.opts.qat,
+            method: Method::default(),
+        })
+    }
+
+    /// One optimizer update over `accum` sequences.
+    pub fn train_step(&mut self) -> Result<Record> {
+        let start = Instant::now();
+        let o = &self.opts;
+        let n = self.train.len();
+        let picks: Vec<usize> = (0..o.accum)
+            .map(|i| data::sample_index(o.seed, n, self.step * o.accum + i))
+            .collect();
+        let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
+        let fq = self.qat();
+        self.grads.zero();
+        let (mut loss, mut tokens, mut recomputed, mut peak) = (0.0, 0, 0, 0);
+        for (micro, &i) in picks.iter().enumerate() {
+            let s = &self.train[i];
+            let w: Vec<f32> = s
+                .scored
+                .iter()
+                .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
+                .collect();
+            let t = Trainable {
+                model: self.model,
+                lora: &self.lora,
+                merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
+                dropout_seed: Some(mix(o.seed, (self.step * o.accum + micro) as u64)),
+            };
+            let st = loss_and_grad(&t, &s.tokens, &w, o.checkpoint, &mut self.grads)?;
+            loss += st.loss;
+            tokens += s.tokens.len() - 1;
+            recomputed += st.recomputed_layers;
+            peak = peak.max(st.peak_activation_bytes);
+        }
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "step {}: the loss is {loss}; lower the learning rate",
+                self.step + 1
+            )));
+        }
+        let mut g: Vec<&mut Vec<f32>> = self.grads.params_mut().collect();
+        let grad_norm = clip_grad_norm(&mut g, o.clip);
+        let lr = o.schedule().lr(self.step);
+        let grads: Vec<&[f32]> = self.grads.params().collect();
+        let mut params: Vec<&mut Vec<f32>> = self.lora.params_mut().collect();
+        self.opt.step(&mut params, &grads, lr)?;
+        self.step += 1;
+        let rec = Record {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            secs: start.elapsed().as_secs_f64(),
+            recomputed_layers: recomputed,
+            peak_activation_bytes: peak,
+            val_loss: None,
+        };
+        self.history.push(rec);
+        Ok(rec)
+    }
+
+    /// Mean loss per scored token over the validation sequences (the first `eval_samples`, or
+    /// all), with the adapters as trained (fake-quantized under QAT); `None` without any.
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        let k = match self.opts.eval_samples {
+            0 => self.val.len(),
+            k => k.min(self.val.len()),
+        };
+        if k == 0 {
+            return Ok(None);
+        }
+        let fq = self.qat();
+        let t = Trainable {
+            model: self.model,
+            lora: &self.lora,
+            merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
+            dropout_seed: None,
+        };
+        let (mut sum, mut count) = (0.0, 0);
+        for s in &self.val[..k] {
+            let n = s.tokens.len() - 1;
+            let w: Vec<f32> = s.scored.iter().map(|&b| f32::from(b)).collect();
+            let mut x = t.embed(&s.tokens[..n])?;
+            t.forward_layers(0..self.model.config.n_layer, &mut x, false)?;
+            sum += t.head_loss(&x, &s.tokens[1..], &w, None)?;
+            count += s.n_scored();
+        }
+        Ok(Some(sum / count.max(1) as f64))
+    }
+
+    /// Runs until `opts.steps`, validating and checkpointing into `out` as configured; stops
+    /// early with a checkpoint (and [`Error::Interrupted`]) once `cancel` is set. `on_step` sees
+    /// every record. Writes the adapters and the loss curve into `out` at the end.
+    pub fn run(
+        &mut self,
+        out: &Path,
+        base_name: &str,
+        cancel: &AtomicBool,
+        mut on_step: impl FnMut(&Record),
+    ) -> Result<()> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        while self.step < self.opts.steps {
+            if cancel.load(Ordering::Relaxed) {
+                self.save_checkpoint(out, base_name)?;
+                return Err(Error::Interrupted);
+            }
+            let mut rec = self.train_step()?;
+            let last = self.step == self.opts.steps;
+            let ev = self.opts.eval_every;
+            if (ev > 0 && self.step.is_multiple_of(ev)) || last {
+                rec.val_loss = self.evaluate()?;
+                if let Some(r) = self.history.last_mut() {
+                    r.val_loss = rec.val_loss;
+                }
+            }
+            on_step(&rec);
+            let se = self.opts.save_every;
+            if (se > 0 && self.step.is_multiple_of(se)) || last {
+                self.save_checkpoint(out, base_name)?;
+            }
+        }
+        self.lora.save(out, base_name)?;
+        self.plot(&out.join("loss.png"))
+    }
+
+    /// Writes `out/checkpoint/` whole: the files go to a fresh directory that then replaces the
+    /// old checkpoint by renames, so an interruption leaves the old or the new one complete.
+    pub fn save_checkpoint(&self, out: &Path, base_name: &str) -> Result<()> {
+        let ck = out.join(CHECKPOINT_DIR);
+        let tmp = out.join(format!("{CHECKPOINT_DIR}.tmp"));
+        let old = out.join(format!("{CHECKPOINT_DIR}.old"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        self.lora.save(&tmp, base_name)?;
+        let mut tensors = Vec::new();
+        for (i, (m, v)) in self.opt.m.iter().zip(&self.opt.v).enumerate() {
+            for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
+                let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
+                tensors.push((
+                    name,
+                    LazyTensor::new(Dtype::F32, vec![buf.len()], move || bytes.clone()),
+                ));
+            }
+        }
+        st::write(&tmp.join(OPTIMIZER_FILE), tensors)?;
+        let state = json!({
+            "step": self.step,
+            "optimizer_t": self.opt.t,
+            "options": self.opts.to_json(),
+            "data": {"fingerprint": self.data_fingerprint()},
+            "history": self.history.iter().map(record_to_json).collect::<Vec<_>>(),
+        });
+        let text = serde_json::to_string_pretty(&state).expect("a JSON value serializes");
+        crate::atomic_file::write(&tmp.join(STATE_FILE), text.as_bytes())?;
+        sync_dir(&tmp)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        if ck.exists() {
+            std::fs::rename(&ck, &old).map_err(|e| Error::io(&ck, e))?;
+        }
+        std::fs::rename(&tmp, &ck).map_err(|e| Error::io(&tmp, e))?;
+        sync_dir(out)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        self.plot(&out.join("loss.png"))
+    }
+
+    /// The loss curve: training loss per step and validation loss where measured.
+    pub fn plot(&self, path: &Path) -> Result<()> {
+        use crate::plot::{Chart, Series, Style};
+        let train: Vec<(f64, f64)> = self
+            .history
+            .iter()
+            .map(|r| (r.step as f64, r.loss))
+            .collect();
+        let val: Vec<(f64, f64)> = self
+            .history
+            .iter()
+            .filter_map(|r| r.val_loss.map(|v| (r.step as f64, v)))
+            .collect();
+        let mut series = vec![Series::new("train", train, Style::Line)];
+        if !val.is_empty() {
+            series.push(Series::new("validation", val, Style::LineAndPoints));
+        }
+        let chart = Chart {
+            title: format!(
+                "pare tune: LoRA r={} on {}, qat {}",
+                self.opts.lora.rank,
+                self.opts
+                    .lora
+                    .targets
+                    .iter()
+                    .map(|t| t.hf_module())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                self.opts.qat.name()
+            ),
+            x_label: "step".into(),
+            y_label: "loss (nats/token)".into(),
+            log_y: false,
+            series,
+        };
+        crate::plot::write_png(path, &chart)
+    }
+}
+
+/// The checkpoint to resume from: `dir/checkpoint`, else the leftover `dir/checkpoint.old` of an
+/// interrupted swap, else `dir` itself.
+fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
+    for c in [
+        dir.join(CHECKPOINT_DIR),
+        dir.join(format!("{CHECKPOINT_DIR}.old")),
+        dir.to_path_buf(),
+    ] {
+        if c.join(STATE_FILE).exists() {
+            return Ok(c);
+        }
+    }
+    Err(Error::Invalid(format!(
+        "{}: no checkpoint to resume ({STATE_FILE} not found)",
+        dir.display()
+    )))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+fn mix(seed: u64, k: u64) -> u64 {
+    let mut z = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^ (z >> 27)
+}
+
+fn record_to_json(r: &Record) -> serde_json::Value {
+    json!({
+        "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens,
+        "secs": r.secs, "recomputed_layers": r.recomputed_layers,
+        "peak_activation_bytes": r.peak_activation_bytes, "val_loss": r.val_loss,
+    })
+}
+
+fn record_from_json(j: &serde_json::Value) -> Option<Record> {
+    Some(Record {
+        step: j["step"].as_u64()? as usize,
+        loss: j["loss"].as_f64()?,
+        lr: j["lr"].as_f64()? as f32,
+        grad_norm: j["grad_norm"].as_f64()? as f32,
+        tokens: j["tokens"].as_u64()? as usize,
+        secs: j["secs"].as_f64()?,
+        recomputed_layers: j["recomputed_layers"].as_u64()? as usize,
+        peak_activation_bytes: j["peak_activation_bytes"].as_u64()? as usize,
+        val_loss: j["val_loss"].as_f64(),
+    })
+}
