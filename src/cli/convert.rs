@@ -1,6 +1,5 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use pare::convert::{convert, open_source, ConvertOptions};
 use pare::quant::format;
 use pare::quant::quantize::Method;
@@ -57,21 +56,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
     let src = open_source(&a.model)?;
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} tensors {msg} [{elapsed} < {eta}]")
-            .expect("valid template"),
-    );
-    let report = convert(src.as_ref(), &a.output, &opts, |p| {
-        pb.set_length(p.total as u64);
-        pb.set_position(p.done as u64);
-        pb.set_message(format!(
-            "{} {}",
-            p.tensor.spec.name,
-            format::name(p.tensor.spec.ggml_type)
-        ));
-    });
-    pb.finish_and_clear();
+    let pb = super::TensorBar::new();
+    let report = convert(src.as_ref(), &a.output, &opts, |p| pb.update(&p));
+    pb.finish();
     let report = report?;
     println!(
         "wrote {}: {} tensors, {:.2} MiB, {:.3} bits per weight ({:.3} in the linear weights)",

@@ -1,6 +1,5 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use pare::model::Lora;
 use pare::quant::format;
 use pare::quant::quantize::Method;
@@ -42,11 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     drop(gguf);
     let lora = Lora::load(&a.lora, &config)?;
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} tensors {msg} [{elapsed} < {eta}]")
-            .expect("valid template"),
-    );
+    let pb = super::TensorBar::new();
     let report = pare::train::merge::merge(
         &a.model,
         &lora,
@@ -54,13 +49,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         fmt,
         Method::default(),
         Some(&INTERRUPTED),
-        |p| {
-            pb.set_length(p.total as u64);
-            pb.set_position(p.done as u64);
-            pb.set_message(p.tensor.spec.name.clone());
-        },
+        |p| pb.update(&p),
     );
-    pb.finish_and_clear();
+    pb.finish();
     let report = report?;
     println!(
         "wrote {}: {} tensors, {:.2} MiB, {:.3} bits per weight",

@@ -128,3 +128,34 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// The progress bar of a command that writes a model tensor by tensor.
+pub struct TensorBar(indicatif::ProgressBar);
+
+impl TensorBar {
+    pub fn new() -> TensorBar {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} tensors {msg} [{elapsed} < {eta}]",
+            )
+            .expect("valid template"),
+        );
+        TensorBar(pb)
+    }
+
+    /// Shows that `p.done` of `p.total` tensors are written, the last one by name and type.
+    pub fn update(&self, p: &pare::convert::Progress) {
+        self.0.set_length(p.total as u64);
+        self.0.set_position(p.done as u64);
+        self.0.set_message(format!(
+            "{} {}",
+            p.tensor.spec.name,
+            pare::quant::format::name(p.tensor.spec.ggml_type)
+        ));
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}

@@ -4,7 +4,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pare::plan::quantize::{self, Options, Override, Stage};
 use pare::plan::report::QuantizeReport;
 use pare::plan::{allocate::Strategy, budget::Budget, frontier};
-use pare::quant::format;
 use pare::quant::quantize::Method;
 
 #[derive(clap::Args)]
@@ -160,18 +159,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     print!("{}", report.to_text());
     if let Some(out) = &a.output {
         if !a.dry_run {
-            let pb = bar("{prefix:>10} {bar:30} {pos}/{len} tensors {msg} [{elapsed} < {eta}]");
-            pb.set_prefix("write");
-            let r = plan.write(out, Some(&INTERRUPTED), |p| {
-                pb.set_length(p.total as u64);
-                pb.set_position(p.done as u64);
-                pb.set_message(format!(
-                    "{} {}",
-                    p.tensor.spec.name,
-                    format::name(p.tensor.spec.ggml_type)
-                ));
-            });
-            pb.finish_and_clear();
+            let pb = super::TensorBar::new();
+            let r = plan.write(out, Some(&INTERRUPTED), |p| pb.update(&p));
+            pb.finish();
             let r = r?;
             println!(
                 "wrote {}: {} bytes, {:.3} bits per weight",
