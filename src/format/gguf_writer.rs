@@ -120,29 +120,7 @@ impl<'a> GgufWriter<'a> {
         cancel: Option<&'a AtomicBool>,
     ) -> Result<GgufWriter<'a>> {
         let target = path.as_ref().to_path_buf();
-        let mut metadata = metadata.to_vec();
-        let alignment = check_metadata(&metadata)?;
-        let mut sized = Vec::with_capacity(tensors.len());
-        let mut names = std::collections::HashSet::new();
-        for t in tensors {
-            if !names.insert(t.name.as_str()) {
-                return Err(Error::Invalid(format!(
-                    "duplicate tensor name {:?}",
-                    t.name
-                )));
-            }
-            sized.push((t.clone(), t.n_bytes()?));
-        }
-        if tensors
-            .iter()
-            .any(|t| matches!(t.ggml_type, GgmlType::Pq(_)))
-        {
-            set(
-                &mut metadata,
-                FORMAT_VERSION_KEY,
-                Value::U32(FORMAT_VERSION),
-            );
-        }
+        let (metadata, sized, alignment) = prepare(metadata, tensors)?;
         if target.is_dir() {
             return Err(Error::Invalid(format!(
                 "{} is a directory, not a file to write",
@@ -305,13 +283,27 @@ fn encode_header(
     h
 }
 
-/// The size of the file [`GgufWriter`] writes for `metadata` and `tensors`, split into the header
-/// (padded to the alignment) and the alignment each tensor's data is padded to. A tensor's type
-/// changes only its data size, never the header's, so a planner can price choices exactly:
-/// file size = header + Σ data bytes rounded up to the alignment.
-pub fn layout(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u64, u64)> {
-    let alignment = check_metadata(metadata)?;
+/// What the writer and [`layout`] both start from: the metadata checked (its alignment returned)
+/// and with `pare.format_version` set when any tensor has a pq type, and the tensors, checked for
+/// duplicate names, with their data sizes.
+#[allow(clippy::type_complexity)]
+fn prepare(
+    metadata: &[(String, Value)],
+    tensors: &[TensorSpec],
+) -> Result<(Vec<(String, Value)>, Vec<(TensorSpec, u64)>, u64)> {
     let mut metadata = metadata.to_vec();
+    let alignment = check_metadata(&metadata)?;
+    let mut sized = Vec::with_capacity(tensors.len());
+    let mut names = std::collections::HashSet::new();
+    for t in tensors {
+        if !names.insert(t.name.as_str()) {
+            return Err(Error::Invalid(format!(
+                "duplicate tensor name {:?}",
+                t.name
+            )));
+        }
+        sized.push((t.clone(), t.n_bytes()?));
+    }
     if tensors
         .iter()
         .any(|t| matches!(t.ggml_type, GgmlType::Pq(_)))
@@ -322,10 +314,15 @@ pub fn layout(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u
             Value::U32(FORMAT_VERSION),
         );
     }
-    let sized: Vec<(TensorSpec, u64)> = tensors
-        .iter()
-        .map(|t| Ok((t.clone(), t.n_bytes()?)))
-        .collect::<Result<_>>()?;
+    Ok((metadata, sized, alignment))
+}
+
+/// The size of the file [`GgufWriter`] writes for `metadata` and `tensors`, split into the header
+/// (padded to the alignment) and the alignment each tensor's data is padded to. A tensor's type
+/// changes only its data size, never the header's, so a planner can price choices exactly:
+/// file size = header + Σ data bytes rounded up to the alignment.
+pub fn layout(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u64, u64)> {
+    let (metadata, sized, alignment) = prepare(metadata, tensors)?;
     let header = encode_header(&metadata, &sized, alignment).len() as u64;
     Ok((header.next_multiple_of(alignment), alignment))
 }
