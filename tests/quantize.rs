@@ -9,9 +9,12 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use pare::format::gguf::Gguf;
+use pare::model::{Logits, Model, State};
 use pare::plan::allocate::Strategy;
 use pare::plan::budget::Budget;
 use pare::plan::quantize::{self, Options, Plan};
+use pare::plan::{calibrate::calibrate, fisher::fisher, kl_sensitivity::mean_kl};
+use pare::quant::matmul::{QMatrix, WeightBytes};
 use pare::quant::{format, GgmlType};
 
 fn pare(args: &[&str]) -> Output {
@@ -21,18 +24,29 @@ fn pare(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Small measuring options so the suite stays fast: 2 chunks of 128 calibration tokens, 16 rows.
+/// Small measuring options so the suite stays fast: 2 chunks of 128 calibration tokens, 16 rows,
+/// gradients on 256 tokens.
 fn quick(budget: Option<Budget>) -> Options {
     Options {
         budget,
         n_ctx: 128,
         max_chunks: 2,
         sample_rows: 16,
+        sensitivity_tokens: Some(256),
         ..Options::default()
     }
 }
 
-const QUICK: [&str; 6] = ["--ctx", "128", "--calib-chunks", "2", "--sample-rows", "16"];
+const QUICK: [&str; 8] = [
+    "--ctx",
+    "128",
+    "--calib-chunks",
+    "2",
+    "--sample-rows",
+    "16",
+    "--sensitivity-tokens",
+    "256",
+];
 
 /// One measured plan of the shipped model at 3.5 bits per weight, shared by the library tests.
 fn plan35() -> &'static Plan {
@@ -240,6 +254,83 @@ fn bad_input_fails_clearly_and_writes_nothing() {
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,
             "{extra:?} left files"
+        );
+    }
+}
+
+/// The gradient sensitivity predicts the KL a small random weight error causes: `½ Σ_r G_r Σ_j
+/// imp_j ΔW_rj²` against the KL measured with the error in place, for an early and a late tensor
+/// whose measured KLs differ several-fold (so a prediction in the wrong unit would fail).
+#[test]
+fn fisher_predicts_the_kl_of_a_small_weight_error() {
+    let mut model = Model::load(common::real_model()).unwrap();
+    // Exact f32 activations, so that the KL measured is the weight error's alone (8-bit
+    // activations would add rounding noise of their own downstream of the change).
+    model.exact_activations = true;
+    let text = quantize::DEFAULT_CALIBRATION_TEXT;
+    let tokens = model
+        .tokenizer()
+        .unwrap()
+        .encode(text, false, false)
+        .unwrap();
+    let tokens = &tokens[..512];
+    let f = fisher(&model, tokens, 256, 2, 7, |_, _| {}).unwrap();
+    let cal = calibrate(&model, tokens, 256, Some(2), |_, _| {}).unwrap();
+    let mut state = State::new(&model, 256).unwrap();
+    let mut base = Vec::new();
+    for chunk in tokens.chunks(256) {
+        state.reset();
+        model.forward(&mut state, chunk, Logits::All).unwrap();
+        base.push(state.logits.clone());
+    }
+    let vocab = model.config.n_vocab;
+    let mut ratios = Vec::new();
+    let mut kls = Vec::new();
+    for name in ["blk.2.ffn_down.weight", "blk.25.attn_v.weight"] {
+        let orig = model.weights.matrices_named_mut(name)[0].clone();
+        let (rows, cols) = (orig.rows, orig.cols);
+        let mut w = vec![0f32; rows * cols];
+        for (r, row) in w.chunks_exact_mut(cols).enumerate() {
+            orig.dequantize_row(r, row).unwrap();
+        }
+        let rms = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+        let g = f.rows[name].clone();
+        let imp = cal.inputs[name].importance();
+        let mut seed = 0x1234_5678u64;
+        let mut predicted = 0.0f64;
+        for (i, v) in w.iter_mut().enumerate() {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            let d = 0.15 * rms * u;
+            *v += d;
+            predicted += 0.5 * g[i / cols] * imp[i % cols] as f64 * (d as f64) * (d as f64);
+        }
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let q = QMatrix::new(
+            name,
+            GgmlType::F32,
+            rows,
+            cols,
+            WeightBytes::from_vec(bytes),
+        )
+        .unwrap();
+        *model.weights.matrices_named_mut(name)[0] = q;
+        let mut kl = 0.0;
+        for (chunk, b) in tokens.chunks(256).zip(&base) {
+            state.reset();
+            model.forward(&mut state, chunk, Logits::All).unwrap();
+            kl += mean_kl(b, &state.logits, vocab) / 2.0;
+        }
+        *model.weights.matrices_named_mut(name)[0] = orig;
+        ratios.push(predicted / kl);
+        kls.push(kl);
+    }
+    for r in &ratios {
+        assert!(
+            (0.5..2.0).contains(r),
+            "predicted/measured KL {ratios:?} (measured {kls:?})"
         );
     }
 }

@@ -21,7 +21,7 @@ pub struct Args {
     /// uniform:FORMAT.
     #[arg(long, default_value = "optimal")]
     strategy: Strategy,
-    /// Fewest code bits a tensor may get.
+    /// Fewest code bits a tensor may get (default 2: one-bit formats only when asked for).
     #[arg(long)]
     min_bits: Option<u32>,
     /// Most code bits a tensor may get (f16 counts as 16).
@@ -42,10 +42,13 @@ pub struct Args {
     /// Rows per tensor the errors are measured on.
     #[arg(long, default_value_t = 64)]
     sample_rows: usize,
-    /// Calibration tokens the per-block KL sensitivity is measured on (0: rank tensors by output
-    /// error alone).
-    #[arg(long, default_value_t = 256)]
-    kl_tokens: usize,
+    /// How errors of different tensors are made comparable: fisher (rows weighted by the loss
+    /// gradient: predicted KL), kl (rates from KL measured per block and kind) or output (none).
+    #[arg(long, default_value = "fisher")]
+    sensitivity: quantize::Sensitivity,
+    /// Calibration tokens the sensitivity is measured on (default: 1024 for fisher, 256 for kl).
+    #[arg(long)]
+    sensitivity_tokens: Option<usize>,
     /// How group scales are chosen: search (least importance-weighted error) or rtn.
     #[arg(long, default_value = "search")]
     method: String,
@@ -121,7 +124,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         n_ctx: a.ctx,
         max_chunks: a.calib_chunks,
         sample_rows: a.sample_rows,
-        kl_tokens: a.kl_tokens,
+        sensitivity: a.sensitivity,
+        sensitivity_tokens: a.sensitivity_tokens,
         method: match a.method.as_str() {
             "search" => Method::Search,
             "rtn" => Method::Rtn,
@@ -139,7 +143,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             pb.set_prefix(match stage {
                 Stage::Calibrate => "calibrate",
                 Stage::Measure => "measure",
-                Stage::Sensitivity => "KL",
+                Stage::Sensitivity => "sensitivity",
             });
             pb.set_length(total as u64);
             pb.set_position(done as u64);

@@ -118,11 +118,17 @@ impl LayerTape {
     }
 }
 
-/// Scratch buffers reused across products.
+/// Sees, for every product through a frozen weight in a backward pass, the layer, the target and
+/// `dy`: the gradient of the loss at the product's output (`n × rows`). The planner's gradient
+/// (Fisher) sensitivity is made of these.
+pub type GradObserver<'o> = &'o mut dyn FnMut(usize, Target, &[f32]);
+
+/// Scratch buffers reused across products, and the backward pass's observer.
 #[derive(Default)]
-struct Work {
+struct Work<'o> {
     w: Vec<f32>,
     g: Vec<f32>,
+    observer: Option<GradObserver<'o>>,
 }
 
 impl Trainable<'_> {
@@ -179,8 +185,23 @@ impl Trainable<'_> {
         dx: &mut [f32],
         grads: &mut Lora,
     ) -> Result<()> {
+        self.backward_layers_observed(layers, tapes, dx, grads, None)
+    }
+
+    /// [`Self::backward_layers`], with `observer` seeing the output gradient of every product.
+    pub fn backward_layers_observed(
+        &self,
+        layers: Range<usize>,
+        tapes: &[LayerTape],
+        dx: &mut [f32],
+        grads: &mut Lora,
+        observer: Option<GradObserver>,
+    ) -> Result<()> {
         assert_eq!(tapes.len(), layers.len(), "one tape per layer");
-        let mut work = Work::default();
+        let mut work = Work {
+            observer,
+            ..Work::default()
+        };
         for (l, tape) in layers.zip(tapes).rev() {
             self.layer_backward(l, tape, dx, grads, &mut work)?;
         }
@@ -455,6 +476,9 @@ impl Trainable<'_> {
     ) -> Result<()> {
         let (rows, cols) = (w.rows, w.cols);
         let n = x.len() / cols;
+        if let Some(obs) = work.observer.as_mut() {
+            obs(l, t, dy);
+        }
         let ad = self.lora.adapter(l, t);
         let s = self.lora.scale();
         match (ad, self.merged) {

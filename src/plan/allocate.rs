@@ -124,12 +124,23 @@ pub fn allocate(
                     if c.len() == 1 {
                         return Ok(0); // pinned by an override
                     }
-                    c.iter().position(|o| o.format == want).ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "uniform {} is not allowed here (outside --min-bits/--max-bits?)",
-                            format::name(want)
-                        ))
-                    })
+                    // A format and its ggml twin (q4_g32 and q4_1) are one candidate, measured
+                    // under whichever name came first.
+                    let twin = |f: GgmlType| match f {
+                        GgmlType::Pq(p) => Some(p),
+                        other => crate::quant::pq::Pq::of_ggml(other),
+                    };
+                    c.iter()
+                        .position(|o| {
+                            o.format == want
+                                || (twin(o.format).is_some() && twin(o.format) == twin(want))
+                        })
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "uniform {} is not allowed here (outside --min-bits/--max-bits?)",
+                                format::name(want)
+                            ))
+                        })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let a = Allocation {

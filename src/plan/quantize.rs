@@ -64,10 +64,79 @@ pub struct Options {
     pub max_chunks: usize,
     /// Rows per tensor the errors are measured on.
     pub sample_rows: usize,
-    /// Calibration tokens the per-block KL sensitivity is measured on (0: rank by output error
-    /// alone, in each tensor's own units).
-    pub kl_tokens: usize,
+    /// How each tensor's output error is turned into a common unit.
+    pub sensitivity: Sensitivity,
+    /// Calibration tokens the sensitivity is measured on (`None`: the mode's default).
+    pub sensitivity_tokens: Option<usize>,
     pub method: Method,
+}
+
+/// How the planner puts the errors of different tensors in one unit, so that it can trade them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sensitivity {
+    /// Each row's output error weighted by the mean square loss gradient at that row
+    /// ([`crate::plan::fisher`]): predicted KL in nats, from one backward pass.
+    Fisher,
+    /// The output error scaled by KL measured with whole blocks and kinds quantized
+    /// ([`apply_kl_rates`]).
+    Kl,
+    /// The activation-weighted output error alone, in each tensor's own units.
+    Output,
+}
+
+impl Sensitivity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sensitivity::Fisher => "fisher",
+            Sensitivity::Kl => "kl",
+            Sensitivity::Output => "output",
+        }
+    }
+
+    /// Calibration tokens measured on unless told otherwise: the backward pass is cheap enough for
+    /// two 512-token chunks; KL needs one forward per group.
+    pub fn default_tokens(self) -> usize {
+        match self {
+            Sensitivity::Fisher => 1024,
+            Sensitivity::Kl => 256,
+            Sensitivity::Output => 0,
+        }
+    }
+}
+
+impl std::str::FromStr for Sensitivity {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Sensitivity> {
+        match s {
+            "fisher" => Ok(Sensitivity::Fisher),
+            "kl" => Ok(Sensitivity::Kl),
+            "output" => Ok(Sensitivity::Output),
+            _ => Err(Error::Invalid(format!(
+                "sensitivity {s:?}: use fisher, kl or output"
+            ))),
+        }
+    }
+}
+
+impl Options {
+    /// The formats measured: [`candidate_formats`] within the clamps, and the format `uniform:FMT`
+    /// names even below the default clamp (the user asked for it).
+    pub fn formats(&self) -> Vec<GgmlType> {
+        let mut formats = candidate_formats(self.min_bits, self.max_bits);
+        if let Strategy::Uniform(f) = self.strategy {
+            if self.min_bits.is_none() && can_quantize(f) && !formats.contains(&f) {
+                formats.push(f);
+            }
+        }
+        formats
+    }
+
+    fn sensitivity_tokens(&self) -> usize {
+        match self.sensitivity {
+            Sensitivity::Output => 0,
+            s => self.sensitivity_tokens.unwrap_or(s.default_tokens()),
+        }
+    }
 }
 
 impl Default for Options {
@@ -82,7 +151,8 @@ impl Default for Options {
             n_ctx: 512,
             max_chunks: 8,
             sample_rows: 64,
-            kl_tokens: 256,
+            sensitivity: Sensitivity::Fisher,
+            sensitivity_tokens: None,
             method: Method::Search,
         }
     }
@@ -98,13 +168,21 @@ pub fn code_bits(ty: GgmlType) -> u32 {
     }
 }
 
-/// The formats the planner considers by default: every format pare writes except bf16 and f32
-/// (f16 holds what they would, in as few bytes or fewer, for weights this size).
+/// Code bits of the fewest-bit formats the planner considers unless `--min-bits` says otherwise.
+/// One-bit formats suit models trained for them (Bonsai's Q1_0); on others, a tensor at one bit
+/// does far more harm than the second-order (Fisher) prediction says, and the optimal plan trades
+/// them in badly: SmolLM2 at 2.5 bpw gave PPL 2598 with 1-bit formats allowed and 572 without.
+pub const DEFAULT_MIN_BITS: u32 = 2;
+
+/// The formats the planner considers: every format pare writes except bf16 and f32 (f16 holds
+/// what they would, in as few bytes or fewer, for weights this size), with `min_bits` (default
+/// [`DEFAULT_MIN_BITS`]) to `max_bits` code bits.
 pub fn candidate_formats(min_bits: Option<u32>, max_bits: Option<u32>) -> Vec<GgmlType> {
+    let min_bits = min_bits.unwrap_or(DEFAULT_MIN_BITS);
     format::all()
         .into_iter()
         .filter(|&f| can_quantize(f) && !matches!(f, GgmlType::BF16 | GgmlType::F32))
-        .filter(|&f| min_bits.is_none_or(|b| code_bits(f) >= b))
+        .filter(|&f| code_bits(f) >= min_bits)
         .filter(|&f| max_bits.is_none_or(|b| code_bits(f) <= b))
         .collect()
 }
@@ -127,8 +205,9 @@ pub struct TensorPlan {
     pub score: f64,
     /// Output error at the KL reference format by round-to-nearest (see [`kl_format`]).
     pub reference_error: f64,
-    /// Nats of KL per unit of output error for this tensor's group (1 when not measured); every
-    /// candidate's error is already multiplied by it.
+    /// Nats of KL per unit of output error for this tensor's group (1 when not measured, or when
+    /// the errors are Fisher-weighted and so in nats already); every candidate's error is already
+    /// multiplied by it.
     pub kl_rate: f64,
 }
 
@@ -320,7 +399,7 @@ pub fn fingerprint(model_path: &Path, opts: &Options) -> String {
         .map(|o| format!("{}={}", o.pattern, format::name(o.format)))
         .collect();
     format!(
-        "v2 {} {} {mtime} text {text:016x} ctx {} chunks {} rows {} kl {} {:?} bits {:?}..{:?} {:?}",
+        "v4 {} {} {mtime} text {text:016x} ctx {} chunks {} rows {} {} {} {:?} formats {} {:?}",
         std::fs::canonicalize(model_path)
             .unwrap_or_else(|_| model_path.to_path_buf())
             .display(),
@@ -328,10 +407,14 @@ pub fn fingerprint(model_path: &Path, opts: &Options) -> String {
         opts.n_ctx,
         opts.max_chunks,
         opts.sample_rows,
-        opts.kl_tokens,
+        opts.sensitivity.name(),
+        opts.sensitivity_tokens(),
         opts.method,
-        opts.min_bits,
-        opts.max_bits,
+        opts.formats()
+            .iter()
+            .map(|&f| format::name(f))
+            .collect::<Vec<_>>()
+            .join(","),
         overrides
     )
 }
@@ -441,7 +524,14 @@ pub fn plan(
     let fp = fingerprint(model_path, opts);
     if let Some(m) = cache.and_then(|c| Measurements::load(c, &fp)) {
         let source = convert::open_source(model_path)?;
-        return plan_from(source, m.calibration, Some(m.tensors), None, opts, progress);
+        return plan_from(
+            source,
+            m.calibration,
+            Some(m.tensors),
+            Gradients::None,
+            opts,
+            progress,
+        );
     }
     let mut model = Model::load(model_path)?;
     let tokens = model
@@ -459,9 +549,25 @@ pub fn plan(
         |d, t| progress(Stage::Calibrate, d, t),
     )?;
     let source = convert::open_source(model_path)?;
-    let kl_tokens = &tokens[..opts.kl_tokens.min(tokens.len())];
-    let kl = (!kl_tokens.is_empty()).then_some((&mut model, kl_tokens));
-    let plan = plan_from(source, calibration, None, kl, opts, progress)?;
+    let sens_tokens = &tokens[..opts.sensitivity_tokens().min(tokens.len())];
+    let fisher;
+    let sensitivity = match opts.sensitivity {
+        _ if sens_tokens.len() < 2 => Gradients::None,
+        Sensitivity::Output => Gradients::None,
+        Sensitivity::Fisher => {
+            fisher = crate::plan::fisher::fisher(
+                &model,
+                sens_tokens,
+                n_ctx.min(sens_tokens.len()),
+                usize::MAX,
+                FISHER_SEED,
+                |d, t| progress(Stage::Sensitivity, d, t),
+            )?;
+            Gradients::Fisher(&fisher)
+        }
+        Sensitivity::Kl => Gradients::Kl(&mut model, sens_tokens),
+    };
+    let plan = plan_from(source, calibration, None, sensitivity, opts, progress)?;
     if let Some(c) = cache {
         Measurements {
             fingerprint: fp,
@@ -473,19 +579,32 @@ pub fn plan(
     Ok(plan)
 }
 
+/// Seed of the targets the Fisher pass draws from the model's predictions.
+const FISHER_SEED: u64 = 0x5eed_f15e;
+
+/// What turns output errors into a common unit, already measured or ready to measure.
+pub enum Gradients<'a> {
+    /// Nothing: errors stay in each tensor's own units.
+    None,
+    /// Per-row loss gradients: errors become predicted KL.
+    Fisher(&'a crate::plan::fisher::Fisher),
+    /// The model and tokens to measure group KLs on.
+    Kl(&'a mut Model, &'a [u32]),
+}
+
 /// [`plan`] on a source already calibrated.
 pub fn plan_from(
     source: Box<dyn Source>,
     calibration: Calibration,
     measured: Option<Vec<TensorPlan>>,
-    kl: Option<(&mut Model, &[u32])>,
+    sensitivity: Gradients,
     opts: &Options,
     mut progress: impl FnMut(Stage, usize, usize),
 ) -> Result<Plan> {
     if opts.sample_rows == 0 {
         return Err(Error::Invalid("sample rows must be at least 1".into()));
     }
-    let formats = candidate_formats(opts.min_bits, opts.max_bits);
+    let formats = opts.formats();
     if formats.is_empty() {
         return Err(Error::Invalid(format!(
             "no format has between {:?} and {:?} bits",
@@ -557,16 +676,21 @@ pub fn plan_from(
             t
         }
         None => {
+            let fisher = match &sensitivity {
+                Gradients::Fisher(f) => Some(*f),
+                _ => None,
+            };
             let mut t = measure(
                 source.as_ref(),
                 &calibration,
+                fisher,
                 &planned,
                 &choosable,
                 opts,
                 &formats,
                 &mut progress,
             )?;
-            if let Some((model, tokens)) = kl {
+            if let Gradients::Kl(model, tokens) = sensitivity {
                 apply_kl_rates(&mut t, model, tokens, &mut progress)?;
             }
             t
@@ -634,10 +758,13 @@ pub fn plan_from(
 }
 
 /// Measures every choosable tensor (`planned[i]` for i in `choosable`) under every allowed format
-/// and scores it. Candidate bytes are the tensor's data bytes, unpadded.
+/// and scores it. Candidate bytes are the tensor's data bytes, unpadded. With `fisher`, errors are
+/// predicted KL in nats per token (½ of the gradient-weighted output error).
+#[allow(clippy::too_many_arguments)]
 fn measure(
     source: &dyn Source,
     calibration: &Calibration,
+    fisher: Option<&crate::plan::fisher::Fisher>,
     planned: &[Planned],
     choosable: &[usize],
     opts: &Options,
@@ -664,13 +791,42 @@ fn measure(
         fmts.retain(|&f| seen.insert(format::storage_type(f, cols)));
         let sample = sample_rows(rows, opts.sample_rows);
         let role = planned[i].role;
+        let row_weight = match fisher {
+            Some(f) if role != Role::Embeddings || tied => {
+                let rw = f
+                    .row_weights(&name)
+                    .ok_or_else(|| Error::Invalid(format!("no gradient statistics for {name}")))?;
+                if rw.len() != rows {
+                    return Err(Error::Invalid(format!(
+                        "gradient statistics of {name} have {} rows, the tensor {rows}",
+                        rw.len()
+                    )));
+                }
+                Some(rw)
+            }
+            _ => None,
+        };
+        // Fisher: ½ ΔWᵀFΔW is the predicted KL.
+        let unit = if fisher.is_some() { 0.5 } else { 1.0 };
+        let lookup_weight = fisher.map(|f| f.embedding_weights());
         let errors = |fmts: &[GgmlType], method: Method| -> Result<Vec<FormatError>> {
-            let mut errs =
-                format_errors(&w, rows, cols, importance.as_deref(), fmts, &sample, method)?;
+            let imp = importance.as_deref();
+            let mut errs = format_errors(
+                &w,
+                rows,
+                cols,
+                imp,
+                row_weight.as_deref(),
+                fmts,
+                &sample,
+                method,
+            )?;
             if role == Role::Embeddings {
                 // A lookup adds one row's error to the residual stream per token: the mean row
-                // error (unweighted), on top of the output head's error when the head is this one.
-                let lookup = format_errors(&w, rows, cols, None, fmts, &sample, method)?;
+                // error (weighted by the gradient entering the first layer when measured), on top
+                // of the output head's error when the head is this one.
+                let lw = lookup_weight.as_deref();
+                let lookup = format_errors(&w, rows, cols, lw, None, fmts, &sample, method)?;
                 let with_head = tied && importance.is_some();
                 for (e, l) in errs.iter_mut().zip(&lookup) {
                     let per_token = l.error / rows as f64;
@@ -681,11 +837,14 @@ fn measure(
                     };
                 }
             }
+            for e in &mut errs {
+                e.error *= unit;
+            }
             Ok(errs)
         };
         let errs = errors(&fmts, opts.method)?;
         // The error the KL measurement's quantization makes (round-to-nearest at the reference).
-        let reference_error = if opts.kl_tokens > 0 {
+        let reference_error = if opts.sensitivity == Sensitivity::Kl {
             errors(&[kl_format()], Method::Rtn)?[0].error
         } else {
             0.0

@@ -30,18 +30,34 @@ pub fn sample_rows(rows: usize, max: usize) -> Vec<usize> {
 }
 
 /// The error of each format in `formats` for the matrix `w` (`rows × cols`, f32, row-major),
-/// weighted by `importance` (one value per column; `None` weighs all columns alike), measured on
-/// the rows `sample` and scaled to all rows.
+/// weighted by `importance` (one value per column; `None` weighs all columns alike) and by
+/// `row_weight` (one value per row, e.g. its gradient's mean square; `None`: all alike), measured
+/// on the rows `sample` and scaled to all rows.
+#[allow(clippy::too_many_arguments)]
 pub fn format_errors(
     w: &[f32],
     rows: usize,
     cols: usize,
     importance: Option<&[f32]>,
+    row_weight: Option<&[f32]>,
     formats: &[GgmlType],
     sample: &[usize],
     method: Method,
 ) -> Result<Vec<FormatError>> {
-    let scale = rows as f64 / sample.len().max(1) as f64;
+    // With row weights the sample is scaled by weight (a ratio estimate: rows of large gradient
+    // count for more whatever their number), else by count.
+    let scale = match row_weight {
+        Some(rw) => {
+            let all: f64 = rw.iter().map(|&v| v as f64).sum();
+            let part: f64 = sample.iter().map(|&r| rw[r] as f64).sum();
+            if part > 0.0 {
+                all / part
+            } else {
+                0.0
+            }
+        }
+        None => rows as f64 / sample.len().max(1) as f64,
+    };
     let opts = Options { importance, method };
     use rayon::prelude::*;
     formats
@@ -56,10 +72,12 @@ pub fn format_errors(
                 let row = &w[r * cols..(r + 1) * cols];
                 quantize_row(ty, row, &opts, &mut q)?;
                 dequantize_row(ty, &q, &mut deq)?;
+                let mut row_err = 0.0f64;
                 for (j, (&a, &b)) in row.iter().zip(&deq).enumerate() {
                     let e = (a - b) as f64;
-                    err += e * e * importance.map_or(1.0, |imp| imp[j] as f64);
+                    row_err += e * e * importance.map_or(1.0, |imp| imp[j] as f64);
                 }
+                err += row_err * row_weight.map_or(1.0, |rw| rw[r] as f64);
             }
             Ok(FormatError {
                 format: f,
@@ -151,7 +169,7 @@ mod tests {
             .map(|n| format::parse(n).unwrap())
             .collect();
         let all = sample_rows(rows, 1000);
-        let e = format_errors(&w, rows, cols, None, &fmts, &all, Method::Search).unwrap();
+        let e = format_errors(&w, rows, cols, None, None, &fmts, &all, Method::Search).unwrap();
         assert!(e[0].error > e[1].error && e[1].error > e[2].error);
         assert!(e[0].bytes < e[1].bytes && e[1].bytes < e[2].bytes);
         // A sample predicts the whole within a factor.
@@ -159,6 +177,7 @@ mod tests {
             &w,
             rows,
             cols,
+            None,
             None,
             &fmts,
             &sample_rows(rows, 10),
@@ -168,9 +187,43 @@ mod tests {
         assert!((part[1].error / e[1].error - 1.0).abs() < 0.5);
         // Columns that never see input cost nothing.
         let imp: Vec<f32> = (0..cols).map(|j| if j < 48 { 1.0 } else { 0.0 }).collect();
-        let weighted =
-            format_errors(&w, rows, cols, Some(&imp), &fmts, &all, Method::Search).unwrap();
+        let weighted = format_errors(
+            &w,
+            rows,
+            cols,
+            Some(&imp),
+            None,
+            &fmts,
+            &all,
+            Method::Search,
+        )
+        .unwrap();
         assert!(weighted[1].error < e[1].error);
+        // Row weights: doubling every row's weight doubles the error; a sample of weighted rows
+        // is scaled by weight, so rows of zero weight outside the sample change nothing.
+        let two = vec![2.0f32; rows];
+        let doubled = format_errors(
+            &w,
+            rows,
+            cols,
+            None,
+            Some(&two),
+            &fmts,
+            &all,
+            Method::Search,
+        )
+        .unwrap();
+        assert!((doubled[1].error / e[1].error - 2.0).abs() < 1e-9);
+        let few = sample_rows(rows, 10);
+        let mut rw = vec![0.0f32; rows];
+        for &r in &few {
+            rw[r] = 1.0;
+        }
+        let sampled =
+            format_errors(&w, rows, cols, None, Some(&rw), &fmts, &few, Method::Search).unwrap();
+        let exact =
+            format_errors(&w, rows, cols, None, Some(&rw), &fmts, &all, Method::Search).unwrap();
+        assert!((sampled[1].error / exact[1].error - 1.0).abs() < 1e-9);
     }
 
     #[test]
