@@ -2,9 +2,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pare::model::{LoraConfig, Target};
+use pare::pipeline::schedule::Schedule;
 use pare::train::checkpointing::Checkpoint;
 use pare::train::fake_quant::QatMode;
-use pare::train::trainer::{TrainOptions, Trainer};
+use pare::train::trainer::{Stages, TrainOptions, Trainer};
 use pare::train::{data, memory};
 
 #[derive(clap::Args)]
@@ -56,9 +57,14 @@ pub struct Args {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
-    /// Sequences per step (gradient accumulation).
+    /// Sequences per step (gradient accumulation). With --stages, each sequence is one
+    /// micro-batch, so --micro-batches M means M sequences per step.
     #[arg(long, default_value_t = 1)]
     accum: usize,
+    /// Pipeline schedule with --stages: gpipe (all forwards, then all backwards) or 1f1b
+    /// (PipeDream-Flush: at most N micro-batches' activations per stage).
+    #[arg(long)]
+    schedule: Option<String>,
     /// Fraction of the packed sequences held out for validation (the tail of the file).
     #[arg(long, default_value_t = 0.05)]
     val_split: f32,
@@ -76,6 +82,8 @@ pub struct Args {
     /// Continue the run checkpointed in this directory (same data; --steps may extend it).
     #[arg(long)]
     resume: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    stages: super::stages::StageArgs,
 }
 
 /// Set by Ctrl-C: the trainer saves a checkpoint and stops.
@@ -90,6 +98,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tok = model.tokenizer()?;
     let template = model.chat_template()?;
     let checkpoint = Checkpoint::parse(&a.checkpoint)?;
+    let accum = sequences_per_step(&a)?;
     let opts = TrainOptions {
         lora: LoraConfig {
             rank: a.rank,
@@ -100,7 +109,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         steps: a.steps,
         seq_len: a.seq_len,
-        accum: a.accum,
+        accum,
         lr: a.lr,
         warmup: a.warmup,
         weight_decay: a.weight_decay,
@@ -119,6 +128,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(dir) => Trainer::resume(&model, dir, Some(a.steps), Some(checkpoint), train, val)?,
         None => Trainer::new(&model, opts, train, val)?,
     };
+    if a.stages.active() {
+        anyhow::ensure!(
+            pare::pipeline::mpi_rank().is_none(),
+            "pare tune runs its stages as threads; training across MPI ranks is not supported yet"
+        );
+        let schedule: Schedule = a.schedule.as_deref().unwrap_or("1f1b").parse()?;
+        let plan = a.stages.plan(&model, a.seq_len, 0)?;
+        let layers: Vec<_> = plan.stages.iter().map(|s| s.layers.clone()).collect();
+        let threads = pare::pipeline::thread_shares(pare::parallel::threads(), layers.len());
+        trainer.set_stages(Stages {
+            layers,
+            threads,
+            schedule,
+        })?;
+        eprintln!(
+            "schedule {}: {} micro-batches (sequences) per step",
+            a.schedule.as_deref().unwrap_or("1f1b"),
+            trainer.opts.accum
+        );
+    }
     let est = memory::estimate(&model, &trainer.opts);
     if let Some(b) = &a.memory_budget {
         memory::check_budget(&model, &trainer.opts, memory::parse_size(b)?)?;
@@ -126,7 +155,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     eprintln!(
         "{}: {} adapter parameters (rank {}, {}), qat {}, checkpoint {}, {} threads",
         a.common.model.display(),
-        trainer.lora.n_params(),
+        trainer.lora().n_params(),
         trainer.opts.lora.rank,
         a.targets,
         trainer.opts.qat.name(),
@@ -200,4 +229,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+/// Sequences per step: `--accum`, or with stages `--micro-batches` (one sequence each); the two
+/// must agree when both are given.
+fn sequences_per_step(a: &Args) -> anyhow::Result<usize> {
+    let m = a.stages.micro_batches;
+    anyhow::ensure!(m >= 1, "--micro-batches must be at least 1");
+    anyhow::ensure!(a.accum >= 1, "--accum must be at least 1");
+    if !a.stages.active() {
+        anyhow::ensure!(
+            a.schedule.is_none(),
+            "--schedule applies to pipeline stages: give --stages N (N > 1) too"
+        );
+        anyhow::ensure!(
+            m == 1,
+            "--micro-batches applies to pipeline stages: give --stages N (N > 1), or use --accum"
+        );
+        return Ok(a.accum);
+    }
+    anyhow::ensure!(
+        a.accum == 1 || m == 1 || a.accum == m,
+        "--accum {} and --micro-batches {m} disagree: with stages each sequence of a step is one \
+         micro-batch",
+        a.accum
+    );
+    Ok(a.accum.max(m))
 }

@@ -1,12 +1,14 @@
 //! Pipeline stages: the layers split into contiguous stages ([`partition`]), each run by its own
 //! worker (a thread, or an MPI rank with the `mpi` feature, see [`transport`]), with micro-batches
 //! flowing from stage to stage in the order a [`schedule`] gives. Stage 0 ([`driver`]) holds the
-//! input and gets the results; the others run [`stage::serve`].
+//! input and gets the results; the others run [`stage::serve`]. Training steps run through
+//! [`train`].
 
 pub mod driver;
 pub mod partition;
 pub mod schedule;
 pub mod stage;
+pub mod train;
 pub mod transport;
 
 use std::ops::Range;

@@ -12,14 +12,16 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::checkpointing::{loss_and_grad, Checkpoint};
+use super::checkpointing::Checkpoint;
 use super::data::{self, Sample};
 use super::fake_quant::{FakeQuant, QatMode};
-use super::optimizer::{clip_grad_norm, AdamW, Schedule};
+use super::optimizer::Schedule;
 use crate::error::{Error, Result};
 use crate::format::safetensors::{self as st, Dtype, LazyTensor, SafetensorsFile};
 use crate::model::backward::{MergedWeight, Trainable};
 use crate::model::{Lora, LoraConfig, Model, Target};
+use crate::pipeline::schedule::{self as pipe_schedule, Slot};
+use crate::pipeline::train::{self as pipe, MicroBatch, StageReport, StageState, StepJob};
 use crate::quant::quantize::Method;
 
 /// Everything that shapes a run.
@@ -207,13 +209,25 @@ impl Record {
     }
 }
 
+/// How a step is spread over workers: pipeline stages, each with its layers and threads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stages {
+    pub layers: Vec<std::ops::Range<usize>>,
+    /// Threads per stage.
+    pub threads: Vec<usize>,
+    pub schedule: pipe_schedule::Schedule,
+}
+
 /// A training run in progress.
 pub struct Trainer<'m> {
     pub model: &'m Model,
     pub opts: TrainOptions,
-    pub lora: Lora,
-    grads: Lora,
-    opt: AdamW,
+    /// The adapters, their gradients and optimizer moments: one share per pipeline stage (one
+    /// share for a single worker).
+    parts: Vec<StageState>,
+    stages: Stages,
+    /// What each stage did in the last step (its timeline and activation memory).
+    pub last_step: Vec<StageReport>,
     /// Steps done.
     pub step: usize,
     pub history: Vec<Record>,
@@ -243,15 +257,23 @@ impl<'m> Trainer<'m> {
             super::fake_quant::check_base(model, &opts.lora.targets)?;
         }
         let lora = Lora::new(&model.config, opts.lora.clone(), opts.seed)?;
-        let grads = Lora::zeros(&model.config, opts.lora.clone());
-        let sizes: Vec<usize> = lora.params().map(|p| p.len()).collect();
-        let opt = AdamW::new(&sizes, opts.weight_decay);
+        let stages = Stages {
+            layers: vec![0..model.config.n_layer],
+            threads: vec![crate::parallel::threads()],
+            schedule: pipe_schedule::Schedule::OneFOneB,
+        };
+        let parts = vec![StageState::new(
+            model,
+            &lora,
+            0..model.config.n_layer,
+            opts.weight_decay,
+        )];
         Ok(Trainer {
             model,
             opts,
-            lora,
-            grads,
-            opt,
+            parts,
+            stages,
+            last_step: Vec::new(),
             step: 0,
             history: Vec::new(),
             train,
@@ -292,17 +314,19 @@ impl<'m> Trainer<'m> {
                 dir.display()
             )));
         }
-        t.lora = Lora::load(&dir, &model.config)?;
-        if t.lora.config != t.opts.lora {
+        let lora = Lora::load(&dir, &model.config)?;
+        if lora.config != t.opts.lora {
             return Err(Error::Invalid(format!(
                 "{}: adapter config differs from the trainer state",
                 dir.display()
             )));
         }
+        t.parts[0].lora = lora;
         t.step = j["step"].as_u64().unwrap_or(0) as usize;
-        t.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
+        let p = &mut t.parts[0];
+        p.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
         let opt_file = SafetensorsFile::open(dir.join(OPTIMIZER_FILE))?;
-        for (i, (m, v)) in t.opt.m.iter_mut().zip(&mut t.opt.v).enumerate() {
+        for (i, (m, v)) in p.opt.m.iter_mut().zip(&mut p.opt.v).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
                 let e = opt_file.get(&name).ok_or_else(|| {
                     Error::Invalid(format!("{}: {name} missing", opt_file.path.display()))
@@ -344,7 +368,77 @@ impl<'m> Trainer<'m> {
         })
     }
 
-    /// One optimizer update over `accum` sequences.
+    /// Spreads the following steps over pipeline stages (`stages.layers`, contiguous from layer
+    /// 0 to the last), each stage taking its share of the adapters and optimizer moments.
+    pub fn set_stages(&mut self, stages: Stages) -> Result<()> {
+        let n_layer = self.model.config.n_layer;
+        let contiguous = stages.layers.first().map(|r| r.start) == Some(0)
+            && stages.layers.last().map(|r| r.end) == Some(n_layer)
+            && stages.layers.windows(2).all(|w| w[0].end == w[1].start)
+            && stages.layers.iter().all(|r| !r.is_empty());
+        if !contiguous || stages.threads.len() != stages.layers.len() {
+            return Err(Error::Invalid(format!(
+                "stages {:?} with threads {:?}: expected non-empty contiguous layer ranges \
+                 covering 0..{n_layer}, one thread count each",
+                stages.layers, stages.threads
+            )));
+        }
+        let lora = self.lora();
+        let (t, m, v) = self.moments();
+        let mut parts: Vec<StageState> = stages
+            .layers
+            .iter()
+            .map(|r| StageState::new(self.model, &lora, r.clone(), self.opts.weight_decay))
+            .collect();
+        let (mut m, mut v) = (m.into_iter(), v.into_iter());
+        for p in &mut parts {
+            p.opt.t = t;
+            for (pm, pv) in p.opt.m.iter_mut().zip(&mut p.opt.v) {
+                *pm = m.next().expect("one moment per parameter");
+                *pv = v.next().expect("one moment per parameter");
+            }
+        }
+        self.parts = parts;
+        self.stages = stages;
+        Ok(())
+    }
+
+    pub fn stages(&self) -> &Stages {
+        &self.stages
+    }
+
+    /// The adapters, joined from the stages' shares.
+    pub fn lora(&self) -> Lora {
+        let mut lora = self.parts[0].lora.clone();
+        for p in &self.parts[1..] {
+            lora.absorb(&p.lora);
+        }
+        lora
+    }
+
+    /// The last step's gradients (clipped), joined from the stages' shares.
+    pub fn grads(&self) -> Lora {
+        let mut g = self.parts[0].grads.clone();
+        for p in &self.parts[1..] {
+            g.absorb(&p.grads);
+        }
+        g
+    }
+
+    /// The optimizer's step count and moments of every parameter, in `lora().params()` order.
+    fn moments(&self) -> (u64, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let m = self.parts.iter().flat_map(|p| p.opt.m.clone()).collect();
+        let v = self.parts.iter().flat_map(|p| p.opt.v.clone()).collect();
+        (self.parts[0].opt.t, m, v)
+    }
+
+    /// The last step's forwards and backwards on every stage, timed from the step's start.
+    pub fn timeline(&self) -> Vec<Slot> {
+        self.last_step.iter().flat_map(|r| r.ops.clone()).collect()
+    }
+
+    /// One optimizer update over `accum` sequences: one micro-batch each, through the stages in
+    /// the order of their schedule (one stage: one sequence after another).
     pub fn train_step(&mut self) -> Result<Record> {
         let start = Instant::now();
         let o = &self.opts;
@@ -354,51 +448,57 @@ impl<'m> Trainer<'m> {
             .collect();
         let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
         let fq = self.qat();
-        self.grads.zero();
-        let (mut loss, mut tokens, mut recomputed, mut peak) = (0.0, 0, 0, 0);
-        for (micro, &i) in picks.iter().enumerate() {
-            let s = &self.train[i];
-            let w: Vec<f32> = s
-                .scored
-                .iter()
-                .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
-                .collect();
-            let t = Trainable {
-                model: self.model,
-                lora: &self.lora,
-                merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
-                dropout_seed: Some(mix(o.seed, (self.step * o.accum + micro) as u64)),
-            };
-            let st = loss_and_grad(&t, &s.tokens, &w, o.checkpoint, &mut self.grads)?;
-            loss += st.loss;
-            tokens += s.tokens.len() - 1;
-            recomputed += st.recomputed_layers;
-            peak = peak.max(st.peak_activation_bytes);
-        }
-        if !loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "step {}: the loss is {loss}; lower the learning rate",
-                self.step + 1
-            )));
-        }
-        let mut g: Vec<&mut Vec<f32>> = self.grads.params_mut().collect();
-        let grad_norm = clip_grad_norm(&mut g, o.clip);
+        let micro = picks
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let s = &self.train[i];
+                MicroBatch {
+                    tokens: &s.tokens,
+                    weight: s
+                        .scored
+                        .iter()
+                        .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
+                        .collect(),
+                    dropout_seed: Some(mix(o.seed, (self.step * o.accum + k) as u64)),
+                }
+            })
+            .collect();
         let lr = o.schedule().lr(self.step);
-        let grads: Vec<&[f32]> = self.grads.params().collect();
-        let mut params: Vec<&mut Vec<f32>> = self.lora.params_mut().collect();
-        self.opt.step(&mut params, &grads, lr)?;
+        let job = StepJob {
+            model: self.model,
+            merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
+            checkpoint: o.checkpoint,
+            schedule: self.stages.schedule,
+            micro,
+            clip: o.clip,
+            lr,
+        };
+        let tokens = job.micro.iter().map(|mb| mb.tokens.len() - 1).sum();
+        let reports = pipe::step_threads(&mut self.parts, &job, &self.stages.threads).map_err(
+            |e| match e {
+                Error::Invalid(m) => Error::Invalid(format!("step {}: {m}", self.step + 1)),
+                e => e,
+            },
+        )?;
         self.step += 1;
+        let r0 = &reports[0];
         let rec = Record {
             step: self.step,
-            loss,
+            loss: r0.loss,
             lr,
-            grad_norm,
+            grad_norm: r0.grad_norm,
             tokens,
             secs: start.elapsed().as_secs_f64(),
-            recomputed_layers: recomputed,
-            peak_activation_bytes: peak,
+            recomputed_layers: reports.iter().map(|r| r.recomputed_layers).sum(),
+            peak_activation_bytes: reports
+                .iter()
+                .map(|r| r.peak_activation_bytes)
+                .max()
+                .unwrap_or(0),
             val_loss: None,
         };
+        self.last_step = reports;
         self.history.push(rec);
         Ok(rec)
     }
@@ -414,9 +514,10 @@ impl<'m> Trainer<'m> {
             return Ok(None);
         }
         let fq = self.qat();
+        let lora = self.lora();
         let t = Trainable {
             model: self.model,
-            lora: &self.lora,
+            lora: &lora,
             merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
             dropout_seed: None,
         };
@@ -463,7 +564,7 @@ impl<'m> Trainer<'m> {
                 self.save_checkpoint(out, base_name)?;
             }
         }
-        self.lora.save(out, base_name)?;
+        self.lora().save(out, base_name)?;
         self.plot(&out.join("loss.png"))
     }
 
@@ -476,9 +577,10 @@ impl<'m> Trainer<'m> {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        self.lora.save(&tmp, base_name)?;
+        self.lora().save(&tmp, base_name)?;
         let mut tensors = Vec::new();
-        for (i, (m, v)) in self.opt.m.iter().zip(&self.opt.v).enumerate() {
+        let (opt_t, ms, vs) = self.moments();
+        for (i, (m, v)) in ms.into_iter().zip(vs).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
                 let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
                 tensors.push((
@@ -490,7 +592,7 @@ impl<'m> Trainer<'m> {
         st::write(&tmp.join(OPTIMIZER_FILE), tensors)?;
         let state = json!({
             "step": self.step,
-            "optimizer_t": self.opt.t,
+            "optimizer_t": opt_t,
             "options": self.opts.to_json(),
             "data": {"fingerprint": self.data_fingerprint()},
             "history": self.history.iter().map(record_to_json).collect::<Vec<_>>(),

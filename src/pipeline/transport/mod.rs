@@ -34,6 +34,28 @@ pub enum Message {
     Logits(Vec<f32>),
     /// The job is over: each stage passes it on and ends.
     Stop,
+    /// Training: micro-batch `micro`'s hidden states leaving a stage, to the next.
+    Activations { micro: usize, hidden: Vec<f32> },
+    /// Training: the gradient of the loss with respect to those hidden states, to the previous
+    /// stage.
+    Gradient { micro: usize, grad: Vec<f32> },
+    /// Training: numbers each stage contributes to a total (its squared gradient norm, its
+    /// loss), sent to stage 0, which sends the totals back.
+    Sums(Vec<f64>),
+}
+
+impl Message {
+    /// What kind of message this is, for errors about an unexpected one.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Forward { .. } => "hidden states",
+            Message::Logits(_) => "logits",
+            Message::Stop => "a stop",
+            Message::Activations { .. } => "training activations",
+            Message::Gradient { .. } => "a gradient",
+            Message::Sums(_) => "sums",
+        }
+    }
 }
 
 /// Point-to-point messages between the stages of one pipeline.

@@ -1,8 +1,8 @@
 //! One stage per MPI rank (Open MPI through the `mpi` crate): a message is a header of six
-//! integers followed, for hidden states and logits, by its f32 values, both point-to-point on
-//! MPI_COMM_WORLD (MPI keeps messages between two ranks in order). A rank that fails calls
-//! MPI_Abort, which ends every rank of the job, so no stage waits forever; a rank that dies is
-//! noticed by mpirun, which ends the others.
+//! integers followed, for hidden states, logits and gradients, by its f32 values (f64 for sums),
+//! both point-to-point on MPI_COMM_WORLD (MPI keeps messages between two ranks in order). A rank
+//! that fails calls MPI_Abort, which ends every rank of the job, so no stage waits forever; a rank
+//! that dies is noticed by mpirun, which ends the others.
 
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
@@ -14,6 +14,9 @@ use crate::model::Logits;
 const FORWARD: u64 = 1;
 const LOGITS: u64 = 2;
 const STOP: u64 = 3;
+const ACTIVATIONS: u64 = 4;
+const GRADIENT: u64 = 5;
+const SUMS: u64 = 6;
 
 /// This process's place in an MPI job. Dropping it finalizes MPI.
 pub struct Mpi {
@@ -105,6 +108,18 @@ impl Transport for MpiTransport<'_> {
                 p.send(&l[..]);
             }
             Message::Stop => p.send(&[STOP, 0, 0, 0, 0, 0][..]),
+            Message::Activations { micro, hidden } => {
+                p.send(&[ACTIVATIONS, micro as u64, 0, 0, 0, hidden.len() as u64][..]);
+                p.send(&hidden[..]);
+            }
+            Message::Gradient { micro, grad } => {
+                p.send(&[GRADIENT, micro as u64, 0, 0, 0, grad.len() as u64][..]);
+                p.send(&grad[..]);
+            }
+            Message::Sums(v) => {
+                p.send(&[SUMS, 0, 0, 0, 0, v.len() as u64][..]);
+                p.send(&v[..]);
+            }
         }
         Ok(())
     }
@@ -150,6 +165,21 @@ impl Transport for MpiTransport<'_> {
                 })
             }
             LOGITS => Ok(Message::Logits(data(head[5])?)),
+            ACTIVATIONS => Ok(Message::Activations {
+                micro: head[1] as usize,
+                hidden: data(head[5])?,
+            }),
+            GRADIENT => Ok(Message::Gradient {
+                micro: head[1] as usize,
+                grad: data(head[5])?,
+            }),
+            SUMS => {
+                let (v, _) = p.receive_vec::<f64>();
+                if v.len() as u64 != head[5] {
+                    return Err(bad());
+                }
+                Ok(Message::Sums(v))
+            }
             STOP => Ok(Message::Stop),
             _ => Err(bad()),
         }
