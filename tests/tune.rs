@@ -629,3 +629,78 @@ fn one_f_one_b_holds_at_most_n_micro_batches_per_stage() {
         }
     }
 }
+
+#[test]
+fn cli_tunes_over_stages_and_refuses_bad_stage_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = synthetic(dir.path(), "q8_0", 4);
+    let data = dir.path().join("data.txt");
+    std::fs::write(
+        &data,
+        "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(8),
+    )
+    .unwrap();
+    let out = dir.path().join("adapter");
+    let png = dir.path().join("timeline.png");
+    let pare = |extra: &[&str]| {
+        let mut args = vec![
+            "tune",
+            "-m",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--seq-len",
+            "24",
+            "-o",
+            out.to_str().unwrap(),
+            "-t",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_pare"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let o = pare(&[
+        "--stages",
+        "2",
+        "--micro-batches",
+        "3",
+        "--schedule",
+        "gpipe",
+        "--checkpoint",
+        "every",
+        "--timeline",
+        png.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("pipeline plan: 2 stages"), "{err}");
+    assert!(
+        err.contains("bubble") && err.contains("theory 25.0%"),
+        "{err}"
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    for (bad, says) in [
+        (&["--schedule", "gpipe"][..], "give --stages"),
+        (&["--micro-batches", "4"][..], "give --stages"),
+        (&["--stages", "2", "--micro-batches", "0"][..], "at least 1"),
+        (
+            &["--stages", "2", "--schedule", "zigzag"][..],
+            "unknown schedule",
+        ),
+        (
+            &["--stages", "2", "--micro-batches", "2", "--accum", "3"][..],
+            "disagree",
+        ),
+        (&["--stages", "9"][..], "stages"),
+    ] {
+        let o = pare(bad);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{bad:?}: {err}");
+    }
+}

@@ -2,7 +2,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pare::model::{LoraConfig, Target};
-use pare::pipeline::schedule::Schedule;
+use pare::pipeline::schedule::{self, Schedule};
 use pare::train::checkpointing::Checkpoint;
 use pare::train::fake_quant::QatMode;
 use pare::train::trainer::{Stages, TrainOptions, Trainer};
@@ -65,6 +65,9 @@ pub struct Args {
     /// (PipeDream-Flush: at most N micro-batches' activations per stage).
     #[arg(long)]
     schedule: Option<String>,
+    /// With --stages: draw the last step's timeline (stage × time, forward and backward) here.
+    #[arg(long)]
+    timeline: Option<std::path::PathBuf>,
     /// Fraction of the packed sequences held out for validation (the tail of the file).
     #[arg(long, default_value_t = 0.05)]
     val_split: f32,
@@ -194,6 +197,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     });
     pb.finish_and_clear();
+    if trainer.stages().layers.len() > 1 && !trainer.last_step.is_empty() {
+        eprint!(
+            "{}",
+            pare::pipeline::train::describe_step(&trainer.last_step)
+        );
+        if let Some(path) = &a.timeline {
+            let title = format!(
+                "pare tune, one step: {} stages, {} micro-batches, {}",
+                trainer.stages().layers.len(),
+                trainer.opts.accum,
+                a.schedule.as_deref().unwrap_or("1f1b")
+            );
+            let chart = schedule::timeline(
+                &trainer.timeline(),
+                trainer.stages().layers.len(),
+                title,
+                "seconds from the step's start",
+            );
+            pare::plot::write_timeline_png(path, &chart)?;
+        }
+    }
     let peak = pare::eval::bench::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64;
     match result {
         Err(pare::Error::Interrupted) => {
@@ -238,6 +262,10 @@ fn sequences_per_step(a: &Args) -> anyhow::Result<usize> {
     anyhow::ensure!(m >= 1, "--micro-batches must be at least 1");
     anyhow::ensure!(a.accum >= 1, "--accum must be at least 1");
     if !a.stages.active() {
+        anyhow::ensure!(
+            a.timeline.is_none(),
+            "--timeline draws pipeline stages: give --stages N (N > 1) too"
+        );
         anyhow::ensure!(
             a.schedule.is_none(),
             "--schedule applies to pipeline stages: give --stages N (N > 1) too"

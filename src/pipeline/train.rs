@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
 
-use super::schedule::{max_in_flight, Schedule, Slot, Step};
+use super::schedule::{
+    bubble_fraction, idle_per_stage, max_in_flight, theoretical_bubble, Schedule, Slot, Step,
+};
 use super::transport::{threads, Message, Transport};
 use crate::error::{Error, Result};
 use crate::model::backward::{MergedWeight, Trainable};
@@ -356,4 +358,30 @@ pub fn step_threads(
             .unwrap_err());
     }
     Ok(results.into_iter().map(|r| r.expect("no error")).collect())
+}
+
+/// One step's stages in words: the bubble measured from the stages' timestamps against
+/// (S − 1)/(S − 1 + M), and per stage its busy time, idle share, micro-batches held at once and
+/// activation memory at its peak.
+pub fn describe_step(reports: &[StageReport]) -> String {
+    let slots: Vec<Slot> = reports.iter().flat_map(|r| r.ops.clone()).collect();
+    let n = reports.len();
+    let m = reports.first().map_or(0, |r| r.ops.len() / 2);
+    let idle = idle_per_stage(&slots, n);
+    let mut s = format!(
+        "pipeline step: {n} stages, {m} micro-batches, bubble {:.1}% (theory {:.1}%)\n",
+        100.0 * bubble_fraction(&slots, n),
+        100.0 * theoretical_bubble(n, m)
+    );
+    s += "  stage  busy s  idle  live at peak  activations at peak MiB\n";
+    for (i, (r, idle)) in reports.iter().zip(idle).enumerate() {
+        let busy: f64 = r.ops.iter().map(|o| o.end - o.start).sum();
+        s += &format!(
+            "  {i:5}  {busy:6.2}  {:4.1}%  {:12}  {:23.1}\n",
+            100.0 * idle,
+            r.peak_live,
+            r.peak_activation_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    s
 }
