@@ -102,6 +102,23 @@ fn write_atomically(path: &Path, draw: impl FnOnce(&Path) -> DrawResult) -> Resu
     Ok(())
 }
 
+type Ctx<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The series' legend, in the upper right corner.
+fn draw_legend<'a, 'b: 'a>(ctx: &mut Ctx<'a, 'b>) -> DrawResult {
+    ctx.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font((FAMILY, 13))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    Ok(())
+}
+
 fn draw_timeline(path: &Path, tl: &Timeline) -> DrawResult {
     register_font();
     let n = tl.rows.len().max(1);
@@ -150,12 +167,7 @@ fn draw_timeline(path: &Path, tl: &Timeline) -> DrawResult {
                 Text::new(b.label.clone(), (b.start + 2.0 / px_per_x, y), (FAMILY, 12))
             }),
     )?;
-    ctx.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font((FAMILY, 13))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    draw_legend(&mut ctx)?;
     root.present()?;
     Ok(())
 }
@@ -234,12 +246,7 @@ fn draw(path: &Path, chart: &Chart) -> DrawResult {
             }
         }
     }
-    ctx.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font((FAMILY, 13))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    draw_legend(&mut ctx)?;
     root.present()?;
     Ok(())
 }

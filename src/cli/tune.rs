@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pare::model::{LoraConfig, Target};
+use pare::model::{Lora, LoraConfig, Target};
 use pare::pipeline::schedule::{self, Schedule};
 use pare::train::checkpointing::Checkpoint;
 use pare::train::fake_quant::QatMode;
@@ -127,50 +127,91 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let samples = data::load(&a.data, &tok, template.as_ref(), a.seq_len)?;
     let (train, val) = data::split(samples, a.val_split)?;
-    let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume(&model, dir, Some(a.steps), Some(checkpoint), train, val)?,
-        None => Trainer::new(&model, opts, train, val)?,
+    // A function, not a closure: under MPI the trainer borrows the rank's transport, which lives
+    // shorter than the model.
+    fn new_trainer<'m>(
+        a: &Args,
+        model: &'m pare::model::Model,
+        opts: TrainOptions,
+        checkpoint: Checkpoint,
+        data: (Vec<data::Sample>, Vec<data::Sample>),
+    ) -> pare::Result<Trainer<'m>> {
+        let (train, val) = data;
+        match &a.resume {
+            Some(dir) => Trainer::resume(model, dir, Some(a.steps), Some(checkpoint), train, val),
+            None => Trainer::new(model, opts, train, val),
+        }
+    }
+    if !a.stages.active() {
+        return train_and_report(&a, new_trainer(&a, &model, opts, checkpoint, (train, val))?);
+    }
+    let schedule: Schedule = a.schedule.as_deref().unwrap_or("1f1b").parse()?;
+    let plan = a.stages.plan(&model, a.seq_len, 0)?;
+    let layers: Vec<_> = plan.stages.iter().map(|s| s.layers.clone()).collect();
+    let stages = Stages {
+        threads: pare::pipeline::thread_shares(pare::parallel::threads(), layers.len()),
+        layers: layers.clone(),
+        schedule,
     };
-    if a.stages.active() {
-        anyhow::ensure!(
-            pare::pipeline::mpi_rank().is_none(),
-            "pare tune runs its stages as threads; training across MPI ranks is not supported yet"
-        );
-        let schedule: Schedule = a.schedule.as_deref().unwrap_or("1f1b").parse()?;
-        let plan = a.stages.plan(&model, a.seq_len, 0)?;
-        let layers: Vec<_> = plan.stages.iter().map(|s| s.layers.clone()).collect();
-        let threads = pare::pipeline::thread_shares(pare::parallel::threads(), layers.len());
-        trainer.set_stages(Stages {
-            layers,
-            threads,
-            schedule,
-        })?;
-        eprintln!(
-            "schedule {}: {} micro-batches (sequences) per step",
-            a.schedule.as_deref().unwrap_or("1f1b"),
-            trainer.opts.accum
-        );
-    }
-    let est = memory::estimate(&model, &trainer.opts);
+    // Under mpirun each rank trains its own stage; an error on any rank ends the job.
+    pare::pipeline::on_mpi_rank(&layers, |t| {
+        let mut trainer = new_trainer(&a, &model, opts, checkpoint, (train, val))?;
+        match t {
+            Some(t) => trainer.set_rank(t, stages)?,
+            None => trainer.set_stages(stages)?,
+        }
+        train_and_report(&a, trainer).map_err(|e| pare::Error::Invalid(format!("{e:#}")))
+    })?;
+    Ok(())
+}
+
+/// Runs `trainer` with a progress bar and prints what it did (rank 0 alone under MPI).
+fn train_and_report(a: &Args, mut trainer: Trainer) -> anyhow::Result<()> {
+    let mpi = pare::pipeline::mpi_rank();
+    let quiet = mpi.unwrap_or(0) != 0;
+    let model = trainer.model;
+    let n_stages = trainer.stages().layers.len();
+    let est = memory::estimate(model, &trainer.opts);
     if let Some(b) = &a.memory_budget {
-        memory::check_budget(&model, &trainer.opts, memory::parse_size(b)?)?;
+        memory::check_budget(model, &trainer.opts, memory::parse_size(b)?)?;
     }
-    eprintln!(
-        "{}: {} adapter parameters (rank {}, {}), qat {}, checkpoint {}, {} threads",
-        a.common.model.display(),
-        trainer.lora().n_params(),
-        trainer.opts.lora.rank,
-        a.targets,
-        trainer.opts.qat.name(),
-        trainer.opts.checkpoint.name(),
-        pare::parallel::threads()
-    );
-    eprintln!("memory estimate: {}", est.describe());
-    if trainer.step > 0 {
-        eprintln!("resuming at step {}", trainer.step);
+    if !quiet {
+        eprintln!(
+            "{}: {} adapter parameters (rank {}, {}), qat {}, checkpoint {}, {} threads",
+            a.common.model.display(),
+            Lora::zeros(&model.config, trainer.opts.lora.clone()).n_params(),
+            trainer.opts.lora.rank,
+            a.targets,
+            trainer.opts.qat.name(),
+            trainer.opts.checkpoint.name(),
+            pare::parallel::threads()
+        );
+        eprintln!("memory estimate: {}", est.describe());
+        if n_stages > 1 {
+            eprintln!(
+                "schedule {}: {} micro-batches (sequences) per step over {n_stages} stages{}",
+                a.schedule.as_deref().unwrap_or("1f1b"),
+                trainer.opts.accum,
+                if mpi.is_some() {
+                    " (MPI ranks)"
+                } else {
+                    " (threads)"
+                }
+            );
+        }
+        if trainer.step > 0 {
+            eprintln!("resuming at step {}", trainer.step);
+        }
     }
-    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
-    let pb = ProgressBar::new(trainer.opts.steps as u64);
+    // Under MPI, mpirun ends every rank on Ctrl-C (a checkpoint needs all ranks at one step).
+    if mpi.is_none() {
+        ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
+    }
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(trainer.opts.steps as u64)
+    };
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("valid template"),
@@ -197,21 +238,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     });
     pb.finish_and_clear();
-    if trainer.stages().layers.len() > 1 && !trainer.last_step.is_empty() {
+    // Threads: every stage's report (under MPI a rank knows its own stage only).
+    if n_stages > 1 && trainer.last_step.len() == n_stages {
+        let sched = trainer.stages().schedule;
         eprint!(
             "{}",
-            pare::pipeline::train::describe_step(&trainer.last_step)
+            pare::pipeline::train::describe_step(&trainer.last_step, sched)
         );
         if let Some(path) = &a.timeline {
             let title = format!(
-                "pare tune, one step: {} stages, {} micro-batches, {}",
-                trainer.stages().layers.len(),
+                "pare tune, one step: {n_stages} stages, {} micro-batches, {}",
                 trainer.opts.accum,
                 a.schedule.as_deref().unwrap_or("1f1b")
             );
             let chart = schedule::timeline(
                 &trainer.timeline(),
-                trainer.stages().layers.len(),
+                n_stages,
                 title,
                 "seconds from the step's start",
             );
@@ -232,6 +274,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             std::process::exit(130);
         }
         r => r?,
+    }
+    if quiet {
+        return Ok(());
     }
     let h = &trainer.history;
     let (secs, toks): (f64, usize) = h

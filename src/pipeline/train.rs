@@ -361,24 +361,42 @@ pub fn step_threads(
 }
 
 /// One step's stages in words: the bubble measured from the stages' timestamps against
-/// (S − 1)/(S − 1 + M), and per stage its busy time, idle share, micro-batches held at once and
-/// activation memory at its peak.
-pub fn describe_step(reports: &[StageReport]) -> String {
+/// (S − 1)/(S − 1 + M) (equal stages) and against `schedule` simulated with each stage's own mean
+/// forward and backward times (the split's imbalance included), and per stage its busy time,
+/// idle share, micro-batches held at once and activation memory at its peak.
+pub fn describe_step(reports: &[StageReport], schedule: Schedule) -> String {
     let slots: Vec<Slot> = reports.iter().flat_map(|r| r.ops.clone()).collect();
     let n = reports.len();
     let m = reports.first().map_or(0, |r| r.ops.len() / 2);
+    let mean = |r: &StageReport, forward: bool| {
+        let d: Vec<f64> = r
+            .ops
+            .iter()
+            .filter(|o| matches!(o.step, Step::Forward(_)) == forward)
+            .map(|o| o.end - o.start)
+            .collect();
+        d.iter().sum::<f64>() / d.len().max(1) as f64
+    };
+    let f: Vec<f64> = reports.iter().map(|r| mean(r, true)).collect();
+    let b: Vec<f64> = reports.iter().map(|r| mean(r, false)).collect();
+    let simulated = super::schedule::simulate(&schedule.steps(n, m), &f, &b)
+        .map(|sl| format!("{:.1}%", 100.0 * bubble_fraction(&sl, n)))
+        .unwrap_or_else(|e| e.to_string());
     let idle = idle_per_stage(&slots, n);
     let mut s = format!(
-        "pipeline step: {n} stages, {m} micro-batches, bubble {:.1}% (theory {:.1}%)\n",
+        "pipeline step: {n} stages, {m} micro-batches, bubble {:.1}% (theory {:.1}%, simulated \
+         with these stages' times {simulated})\n",
         100.0 * bubble_fraction(&slots, n),
         100.0 * theoretical_bubble(n, m)
     );
-    s += "  stage  busy s  idle  live at peak  activations at peak MiB\n";
+    s += "  stage  busy s  idle  F s/mb  B s/mb  live at peak  activations at peak MiB\n";
     for (i, (r, idle)) in reports.iter().zip(idle).enumerate() {
         let busy: f64 = r.ops.iter().map(|o| o.end - o.start).sum();
         s += &format!(
-            "  {i:5}  {busy:6.2}  {:4.1}%  {:12}  {:23.1}\n",
+            "  {i:5}  {busy:6.2}  {:4.1}%  {:6.3}  {:6.3}  {:12}  {:23.1}\n",
             100.0 * idle,
+            f[i],
+            b[i],
             r.peak_live,
             r.peak_activation_bytes as f64 / (1 << 20) as f64
         );

@@ -22,6 +22,7 @@ use crate::model::backward::{MergedWeight, Trainable};
 use crate::model::{Lora, LoraConfig, Model, Target};
 use crate::pipeline::schedule::{self as pipe_schedule, Slot};
 use crate::pipeline::train::{self as pipe, MicroBatch, StageReport, StageState, StepJob};
+use crate::pipeline::transport::{Message, Transport};
 use crate::quant::quantize::Method;
 
 /// Everything that shapes a run.
@@ -226,8 +227,11 @@ pub struct Trainer<'m> {
     /// share for a single worker).
     parts: Vec<StageState>,
     stages: Stages,
-    /// What each stage did in the last step (its timeline and activation memory).
+    /// What each stage did in the last step (its timeline and activation memory); under MPI,
+    /// this rank's stage only.
     pub last_step: Vec<StageReport>,
+    /// Under MPI: this rank's transport, `parts` then holding its own stage's share only.
+    rank: Option<&'m mut dyn Transport>,
     /// Steps done.
     pub step: usize,
     pub history: Vec<Record>,
@@ -274,6 +278,7 @@ impl<'m> Trainer<'m> {
             parts,
             stages,
             last_step: Vec::new(),
+            rank: None,
             step: 0,
             history: Vec::new(),
             train,
@@ -384,7 +389,7 @@ impl<'m> Trainer<'m> {
             )));
         }
         let lora = self.lora();
-        let (t, m, v) = self.moments();
+        let Snapshot { t, m, v, .. } = self.snapshot();
         let mut parts: Vec<StageState> = stages
             .layers
             .iter()
@@ -425,11 +430,80 @@ impl<'m> Trainer<'m> {
         g
     }
 
-    /// The optimizer's step count and moments of every parameter, in `lora().params()` order.
-    fn moments(&self) -> (u64, Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        let m = self.parts.iter().flat_map(|p| p.opt.m.clone()).collect();
-        let v = self.parts.iter().flat_map(|p| p.opt.v.clone()).collect();
-        (self.parts[0].opt.t, m, v)
+    /// Makes this process the MPI rank of stage `t.stage()` of `stages`: it keeps only that
+    /// stage's share of the adapters and optimizer moments, and its steps exchange hidden states
+    /// and gradients with the other ranks through `t`.
+    pub fn set_rank(&mut self, t: &'m mut dyn Transport, stages: Stages) -> Result<()> {
+        if t.n_stages() != stages.layers.len() {
+            return Err(Error::Invalid(format!(
+                "{} ranks for {} stages",
+                t.n_stages(),
+                stages.layers.len()
+            )));
+        }
+        self.set_stages(stages)?;
+        self.parts = vec![self.parts.swap_remove(t.stage())];
+        self.rank = Some(t);
+        Ok(())
+    }
+
+    /// This process's adapters and optimizer moments (all of them but under MPI).
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            lora: self.lora(),
+            t: self.parts[0].opt.t,
+            m: self.parts.iter().flat_map(|p| p.opt.m.clone()).collect(),
+            v: self.parts.iter().flat_map(|p| p.opt.v.clone()).collect(),
+        }
+    }
+
+    /// Every stage's adapters and moments, on stage 0 (`None` on the other MPI ranks, which
+    /// send theirs to it): what saving and validation need. Under MPI every rank must call it
+    /// at the same point.
+    fn gather(&mut self) -> Result<Option<Snapshot>> {
+        let mut all = self.snapshot();
+        let Some(t) = self.rank.as_deref_mut() else {
+            return Ok(Some(all));
+        };
+        if t.stage() != 0 {
+            let flat: Vec<f32> = all
+                .lora
+                .params()
+                .chain(all.m.iter().map(|v| v.as_slice()))
+                .chain(all.v.iter().map(|v| v.as_slice()))
+                .flatten()
+                .copied()
+                .collect();
+            t.send(0, Message::Share(flat))?;
+            return Ok(None);
+        }
+        for s in 1..t.n_stages() {
+            let mut share = Lora::zeros(&self.model.config, self.opts.lora.clone());
+            share.keep_layers(self.stages.layers[s].clone());
+            let sizes: Vec<usize> = share.params().map(|p| p.len()).collect();
+            let flat = match t.recv(s)? {
+                Message::Share(v) if v.len() == 3 * sizes.iter().sum::<usize>() => v,
+                other => {
+                    return Err(Error::Model(format!(
+                        "rank 0 expected the adapters of stage {s}, got {}",
+                        other.kind()
+                    )))
+                }
+            };
+            let mut rest = flat.as_slice();
+            let mut take = |k: usize| {
+                let (a, b) = rest.split_at(k);
+                rest = b;
+                a.to_vec()
+            };
+            for p in share.params_mut() {
+                *p = take(p.len());
+            }
+            all.m.extend(sizes.iter().map(|&k| take(k)));
+            all.v.extend(sizes.iter().map(|&k| take(k)));
+            all.lora.absorb(&share);
+        }
+        Ok(Some(all))
     }
 
     /// The last step's forwards and backwards on every stage, timed from the step's start.
@@ -475,12 +549,16 @@ impl<'m> Trainer<'m> {
             lr,
         };
         let tokens = job.micro.iter().map(|mb| mb.tokens.len() - 1).sum();
-        let reports = pipe::step_threads(&mut self.parts, &job, &self.stages.threads).map_err(
-            |e| match e {
-                Error::Invalid(m) => Error::Invalid(format!("step {}: {m}", self.step + 1)),
-                e => e,
-            },
-        )?;
+        let reports = match self.rank.as_deref_mut() {
+            Some(t) => {
+                pipe::stage_step(t, &mut self.parts[0], &job, Instant::now()).map(|r| vec![r])
+            }
+            None => pipe::step_threads(&mut self.parts, &job, &self.stages.threads),
+        }
+        .map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("step {}: {m}", self.step + 1)),
+            e => e,
+        })?;
         self.step += 1;
         let r0 = &reports[0];
         let rec = Record {
@@ -506,6 +584,11 @@ impl<'m> Trainer<'m> {
     /// Mean loss per scored token over the validation sequences (the first `eval_samples`, or
     /// all), with the adapters as trained (fake-quantized under QAT); `None` without any.
     pub fn evaluate(&self) -> Result<Option<f64>> {
+        self.evaluate_with(&self.lora())
+    }
+
+    /// [`Self::evaluate`] with the adapters `lora`.
+    fn evaluate_with(&self, lora: &Lora) -> Result<Option<f64>> {
         let k = match self.opts.eval_samples {
             0 => self.val.len(),
             k => k.min(self.val.len()),
@@ -514,10 +597,9 @@ impl<'m> Trainer<'m> {
             return Ok(None);
         }
         let fq = self.qat();
-        let lora = self.lora();
         let t = Trainable {
             model: self.model,
-            lora: &lora,
+            lora,
             merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
             dropout_seed: None,
         };
@@ -553,7 +635,9 @@ impl<'m> Trainer<'m> {
             let last = self.step == self.opts.steps;
             let ev = self.opts.eval_every;
             if (ev > 0 && self.step.is_multiple_of(ev)) || last {
-                rec.val_loss = self.evaluate()?;
+                if let Some(all) = self.gather()? {
+                    rec.val_loss = self.evaluate_with(&all.lora)?;
+                }
                 if let Some(r) = self.history.last_mut() {
                     r.val_loss = rec.val_loss;
                 }
@@ -564,23 +648,31 @@ impl<'m> Trainer<'m> {
                 self.save_checkpoint(out, base_name)?;
             }
         }
-        self.lora().save(out, base_name)?;
-        self.plot(&out.join("loss.png"))
+        match self.gather()? {
+            Some(all) => {
+                all.lora.save(out, base_name)?;
+                self.plot(&out.join("loss.png"))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Writes `out/checkpoint/` whole: the files go to a fresh directory that then replaces the
     /// old checkpoint by renames, so an interruption leaves the old or the new one complete.
-    pub fn save_checkpoint(&self, out: &Path, base_name: &str) -> Result<()> {
+    /// Under MPI every rank calls it; rank 0 writes.
+    pub fn save_checkpoint(&mut self, out: &Path, base_name: &str) -> Result<()> {
+        let Some(all) = self.gather()? else {
+            return Ok(());
+        };
         let ck = out.join(CHECKPOINT_DIR);
         let tmp = out.join(format!("{CHECKPOINT_DIR}.tmp"));
         let old = out.join(format!("{CHECKPOINT_DIR}.old"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        self.lora().save(&tmp, base_name)?;
+        all.lora.save(&tmp, base_name)?;
         let mut tensors = Vec::new();
-        let (opt_t, ms, vs) = self.moments();
-        for (i, (m, v)) in ms.into_iter().zip(vs).enumerate() {
+        for (i, (m, v)) in all.m.into_iter().zip(all.v).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
                 let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
                 tensors.push((
@@ -592,7 +684,7 @@ impl<'m> Trainer<'m> {
         st::write(&tmp.join(OPTIMIZER_FILE), tensors)?;
         let state = json!({
             "step": self.step,
-            "optimizer_t": opt_t,
+            "optimizer_t": all.t,
             "options": self.opts.to_json(),
             "data": {"fingerprint": self.data_fingerprint()},
             "history": self.history.iter().map(record_to_json).collect::<Vec<_>>(),
@@ -651,6 +743,16 @@ impl<'m> Trainer<'m> {
         };
         crate::plot::write_png(path, &chart)
     }
+}
+
+/// Adapters and optimizer state, as saved.
+struct Snapshot {
+    lora: Lora,
+    /// Optimizer steps taken.
+    t: u64,
+    /// Moments per parameter tensor, in `lora.params()` order.
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
 }
 
 /// The checkpoint to resume from: `dir/checkpoint`, else the leftover `dir/checkpoint.old` of an

@@ -42,6 +42,9 @@ pub enum Message {
     /// Training: numbers each stage contributes to a total (its squared gradient norm, its
     /// loss), sent to stage 0, which sends the totals back.
     Sums(Vec<f64>),
+    /// Training under MPI: a stage's adapters and optimizer moments, flattened, to stage 0, which
+    /// saves and evaluates the whole set.
+    Share(Vec<f32>),
 }
 
 impl Message {
@@ -54,6 +57,7 @@ impl Message {
             Message::Activations { .. } => "training activations",
             Message::Gradient { .. } => "a gradient",
             Message::Sums(_) => "sums",
+            Message::Share(_) => "a stage's adapters",
         }
     }
 }
@@ -67,4 +71,21 @@ pub trait Transport {
     fn send(&mut self, to: usize, msg: Message) -> Result<()>;
     /// The next message from stage `from`; an error when that stage has gone.
     fn recv(&mut self, from: usize) -> Result<Message>;
+}
+
+/// A borrowed transport is one too (a stage run over a transport that outlives it, as an MPI
+/// rank's does).
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn stage(&self) -> usize {
+        (**self).stage()
+    }
+    fn n_stages(&self) -> usize {
+        (**self).n_stages()
+    }
+    fn send(&mut self, to: usize, msg: Message) -> Result<()> {
+        (**self).send(to, msg)
+    }
+    fn recv(&mut self, from: usize) -> Result<Message> {
+        (**self).recv(from)
+    }
 }

@@ -17,6 +17,7 @@ const STOP: u64 = 3;
 const ACTIVATIONS: u64 = 4;
 const GRADIENT: u64 = 5;
 const SUMS: u64 = 6;
+const SHARE: u64 = 7;
 
 /// This process's place in an MPI job. Dropping it finalizes MPI.
 pub struct Mpi {
@@ -116,6 +117,10 @@ impl Transport for MpiTransport<'_> {
                 p.send(&[GRADIENT, micro as u64, 0, 0, 0, grad.len() as u64][..]);
                 p.send(&grad[..]);
             }
+            Message::Share(v) => {
+                p.send(&[SHARE, 0, 0, 0, 0, v.len() as u64][..]);
+                p.send(&v[..]);
+            }
             Message::Sums(v) => {
                 p.send(&[SUMS, 0, 0, 0, 0, v.len() as u64][..]);
                 p.send(&v[..]);
@@ -173,6 +178,7 @@ impl Transport for MpiTransport<'_> {
                 micro: head[1] as usize,
                 grad: data(head[5])?,
             }),
+            SHARE => Ok(Message::Share(data(head[5])?)),
             SUMS => {
                 let (v, _) = p.receive_vec::<f64>();
                 if v.len() as u64 != head[5] {
