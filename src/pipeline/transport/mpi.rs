@@ -4,6 +4,7 @@
 //! that fails calls MPI_Abort, which ends every rank of the job, so no stage waits forever; a rank
 //! that dies is noticed by mpirun, which ends the others.
 
+use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 
@@ -64,12 +65,42 @@ impl Mpi {
 
     /// The transport of this rank's stage.
     pub fn transport(&self) -> MpiTransport<'_> {
-        MpiTransport { world: &self.world }
+        MpiTransport {
+            world: &self.world,
+            in_flight: Vec::new(),
+        }
     }
 }
 
 pub struct MpiTransport<'a> {
     world: &'a SimpleCommunicator,
+    /// Data sends not known to be complete, with the buffers they read. Sends do not wait for
+    /// the receiver, so two stages that each send before receiving (1F1B's steady state: a
+    /// forward's output one way, a backward's the other) cannot deadlock on MPI's rendezvous.
+    in_flight: Vec<(Request<'static, [f32], StaticScope>, *mut [f32])>,
+}
+
+impl MpiTransport<'_> {
+    /// Frees the buffers of the sends that have completed.
+    fn reap(&mut self) {
+        for (req, buf) in std::mem::take(&mut self.in_flight) {
+            match req.test() {
+                // SAFETY: `buf` came from `Box::leak` in `send`, and its send is complete.
+                Ok(_) => drop(unsafe { Box::from_raw(buf) }),
+                Err(req) => self.in_flight.push((req, buf)),
+            }
+        }
+    }
+}
+
+impl Drop for MpiTransport<'_> {
+    fn drop(&mut self) {
+        for (req, buf) in self.in_flight.drain(..) {
+            req.wait();
+            // SAFETY: as in `reap`.
+            drop(unsafe { Box::from_raw(buf) });
+        }
+    }
 }
 
 fn want_code(w: Logits) -> u64 {
@@ -91,40 +122,42 @@ impl Transport for MpiTransport<'_> {
 
     fn send(&mut self, to: usize, msg: Message) -> Result<()> {
         let p = self.world.process_at_rank(to as i32);
-        match msg {
-            Message::Forward { header: h, hidden } => {
-                let head = [
+        let (head, data) = match msg {
+            Message::Forward { header: h, hidden } => (
+                [
                     FORWARD,
                     h.n_tokens as u64,
                     u64::from(h.reset),
                     want_code(h.want),
                     u64::from(h.reply),
                     hidden.len() as u64,
-                ];
-                p.send(&head[..]);
-                p.send(&hidden[..]);
-            }
-            Message::Logits(l) => {
-                p.send(&[LOGITS, 0, 0, 0, 0, l.len() as u64][..]);
-                p.send(&l[..]);
-            }
-            Message::Stop => p.send(&[STOP, 0, 0, 0, 0, 0][..]),
-            Message::Activations { micro, hidden } => {
-                p.send(&[ACTIVATIONS, micro as u64, 0, 0, 0, hidden.len() as u64][..]);
-                p.send(&hidden[..]);
-            }
+                ],
+                hidden,
+            ),
+            Message::Logits(l) => ([LOGITS, 0, 0, 0, 0, l.len() as u64], l),
+            Message::Stop => ([STOP, 0, 0, 0, 0, 0], Vec::new()),
+            Message::Activations { micro, hidden } => (
+                [ACTIVATIONS, micro as u64, 0, 0, 0, hidden.len() as u64],
+                hidden,
+            ),
             Message::Gradient { micro, grad } => {
-                p.send(&[GRADIENT, micro as u64, 0, 0, 0, grad.len() as u64][..]);
-                p.send(&grad[..]);
+                ([GRADIENT, micro as u64, 0, 0, 0, grad.len() as u64], grad)
             }
-            Message::Share(v) => {
-                p.send(&[SHARE, 0, 0, 0, 0, v.len() as u64][..]);
-                p.send(&v[..]);
-            }
+            Message::Share(v) => ([SHARE, 0, 0, 0, 0, v.len() as u64], v),
             Message::Sums(v) => {
                 p.send(&[SUMS, 0, 0, 0, 0, v.len() as u64][..]);
                 p.send(&v[..]);
+                return Ok(());
             }
+        };
+        p.send(&head[..]);
+        if head[0] != STOP {
+            self.reap();
+            // The buffer lives until the send completes (`reap`, or `drop` at the latest).
+            let buf: &'static mut [f32] = Box::leak(data.into_boxed_slice());
+            let ptr: *mut [f32] = buf;
+            let req = p.immediate_send(StaticScope, &*buf);
+            self.in_flight.push((req, ptr));
         }
         Ok(())
     }
