@@ -131,7 +131,8 @@ fn draw_timeline(path: &Path, tl: &Timeline) -> DrawResult {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x1 * 1.02, 0.0..n as f64)?;
+        // Room on the right for the legend.
+        .build_cartesian_2d(0.0..x1 * 1.16, 0.0..n as f64)?;
     // Row i is drawn from the top: y = n - 1 - i .. n - i, labelled at its middle.
     let rows = tl.rows.clone();
     ctx.configure_mesh()
@@ -157,7 +158,15 @@ fn draw_timeline(path: &Path, tl: &Timeline) -> DrawResult {
             .label(name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
     }
-    let px_per_x = 900.0 / (x1 * 1.02);
+    // A white edge, so that back-to-back bars stay apart.
+    ctx.draw_series(tl.bars.iter().map(|b| {
+        let y = (n - 1 - b.row) as f64;
+        Rectangle::new(
+            [(b.start, y + 0.15), (b.end, y + 0.85)],
+            WHITE.stroke_width(1),
+        )
+    }))?;
+    let px_per_x = 900.0 / (x1 * 1.16);
     ctx.draw_series(
         tl.bars
             .iter()
