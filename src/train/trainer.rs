@@ -262,7 +262,7 @@ impl<'m> Trainer<'m> {
         }
         let lora = Lora::new(&model.config, opts.lora.clone(), opts.seed)?;
         let stages = Stages {
-            layers: vec![0..model.config.n_layer],
+            layers: std::iter::once(0..model.config.n_layer).collect(),
             threads: vec![crate::parallel::threads()],
             schedule: pipe_schedule::Schedule::OneFOneB,
         };

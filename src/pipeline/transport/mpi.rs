@@ -72,12 +72,15 @@ impl Mpi {
     }
 }
 
+/// A data send and the buffer it reads (leaked until the send completes).
+type InFlight = (Request<'static, [f32], StaticScope>, *mut [f32]);
+
 pub struct MpiTransport<'a> {
     world: &'a SimpleCommunicator,
     /// Data sends not known to be complete, with the buffers they read. Sends do not wait for
     /// the receiver, so two stages that each send before receiving (1F1B's steady state: a
     /// forward's output one way, a backward's the other) cannot deadlock on MPI's rendezvous.
-    in_flight: Vec<(Request<'static, [f32], StaticScope>, *mut [f32])>,
+    in_flight: Vec<InFlight>,
 }
 
 impl MpiTransport<'_> {
