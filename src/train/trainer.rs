@@ -388,8 +388,7 @@ impl<'m> Trainer<'m> {
                 stages.layers, stages.threads
             )));
         }
-        let lora = self.lora();
-        let Snapshot { t, m, v, .. } = self.snapshot();
+        let Snapshot { lora, t, m, v } = self.snapshot();
         let mut parts: Vec<StageState> = stages
             .layers
             .iter()
