@@ -1,6 +1,7 @@
 //! Pipeline stages as MPI ranks (cargo feature `mpi`; needs `mpirun` from Open MPI): 2 and 3 ranks
 //! on loopback and 2 ranks as two "hosts" over MPI's TCP transport give the single-worker
-//! perplexity and greedy text; a wrong rank count or a dead rank ends the job with an error.
+//! perplexity and greedy text; a wrong rank count or a dead rank ends the job with an error;
+//! `pare tune` over 2 ranks trains the adapters one worker trains.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -223,4 +224,90 @@ fn a_dead_rank_ends_the_job() {
     assert!(!out.status.success());
     assert_ne!(out.status.code(), Some(124), "timed out: {err}");
     assert!(err.contains("rank 1"), "{err}");
+}
+
+/// `pare tune` on a small synthetic model: one worker with 2 sequences a step, and 2 MPI ranks
+/// (one stage each, 2 micro-batches under `schedule`) must train the same adapters.
+#[test]
+fn tuning_over_two_ranks_equals_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::synthetic_model(dir.path(), "llama", "q8_0", 4, 4);
+    let data = dir.path().join("data.txt");
+    std::fs::write(
+        &data,
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind. ".repeat(8),
+    )
+    .unwrap();
+    let tune = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "tune",
+            "-m",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--seq-len",
+            "24",
+            "--targets",
+            "q,v,down",
+            "--val-split",
+            "0.2",
+            "-t",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let one = dir.path().join("one");
+    let o = Command::new(pare())
+        .args(tune(&one, &["--accum", "2"]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let loss = |o: &Output| {
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        let at = s.find("final train loss").expect("a summary line");
+        s[at..].split(';').next().unwrap().to_string()
+    };
+    let reference = loss(&o);
+    let config = pare::model::Model::load(&base).unwrap().config;
+    let want = pare::model::Lora::load(&one, &config).unwrap();
+    for schedule in ["gpipe", "1f1b"] {
+        let out = dir.path().join(schedule);
+        let args = tune(
+            &out,
+            &[
+                "--stages",
+                "2",
+                "--micro-batches",
+                "2",
+                "--stage-layers",
+                "0-1,2-3",
+                "--schedule",
+                schedule,
+            ],
+        );
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let o = mpirun(2, &[], &args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{schedule}: {stderr}");
+        assert_eq!(loss(&o), reference, "{schedule}");
+        assert!(stderr.contains("rank 1: layers 2-3"), "{stderr}");
+        let got = pare::model::Lora::load(&out, &config).unwrap();
+        for (a, b) in want.params().zip(got.params()) {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * scale.max(1e-12),
+                    "{schedule}: {x} vs {y}"
+                );
+            }
+        }
+    }
 }

@@ -2,7 +2,8 @@
 //! same gradients bit for bit in every mode; a run interrupted and resumed ends where the
 //! uninterrupted run ends; quantization-aware training computes exactly what the merged,
 //! re-quantized model computes; chat packing scores assistant tokens only; the CLI trains, applies
-//! and merges adapters.
+//! and merges adapters; a step over 2 or 3 pipeline stages (GPipe and 1F1B) equals the
+//! single-worker step, and 1F1B holds at most N micro-batches' activations per stage.
 
 mod common;
 
@@ -10,10 +11,11 @@ use std::sync::atomic::AtomicBool;
 
 use pare::model::backward::{MergedWeight, Trainable};
 use pare::model::{Logits, Lora, LoraConfig, Model, State, Target};
+use pare::pipeline::schedule::{Schedule, Step};
 use pare::train::checkpointing::{loss_and_grad, Checkpoint};
 use pare::train::data::{self, Sample};
 use pare::train::fake_quant::{FakeQuant, QatMode};
-use pare::train::trainer::{TrainOptions, Trainer};
+use pare::train::trainer::{Stages, TrainOptions, Trainer};
 
 fn synthetic(dir: &std::path::Path, ty: &str, layers: usize) -> std::path::PathBuf {
     common::synthetic_model(dir, "llama", ty, 4, layers)
@@ -213,7 +215,10 @@ fn an_interrupted_run_resumes_exactly() {
     .unwrap();
     assert_eq!(c.step, 2);
     c.run(&cut, "synthetic", &never, |_| {}).unwrap();
-    assert!(bits(&c.lora) == bits(&a.lora), "resumed adapters differ");
+    assert!(
+        bits(&c.lora()) == bits(&a.lora()),
+        "resumed adapters differ"
+    );
     let losses = |t: &Trainer| {
         t.history
             .iter()
@@ -222,7 +227,7 @@ fn an_interrupted_run_resumes_exactly() {
     };
     assert_eq!(losses(&c), losses(&a));
     let saved = Lora::load(&cut, &model.config).unwrap();
-    assert!(bits(&saved) == bits(&a.lora));
+    assert!(bits(&saved) == bits(&a.lora()));
 
     // Different data cannot be resumed.
     let err = Trainer::resume(&model, &cut, None, None, train[1..].to_vec(), val).err();
@@ -480,4 +485,222 @@ fn cli_tunes_applies_and_merges_adapters() {
     let err = String::from_utf8_lossy(&o2.stderr);
     assert!(err.contains("budget") && err.contains("MiB"), "{err}");
     assert!(!dir.path().join("x").exists());
+}
+
+/// Largest |a − b| over the largest |a| of one tensor (0 when both are zero).
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+    if diff == 0.0 {
+        0.0
+    } else {
+        diff / scale
+    }
+}
+
+fn stages_of(ranges: &[std::ops::Range<usize>], schedule: Schedule) -> Stages {
+    Stages {
+        layers: ranges.to_vec(),
+        threads: vec![1; ranges.len()],
+        schedule,
+    }
+}
+
+#[test]
+fn a_pipelined_step_equals_the_single_worker_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&synthetic(dir.path(), "q8_0", 6));
+    let samples = text_samples(&model, 24);
+    let (train, val) = data::split(samples, 0.2).unwrap();
+    for (qat, checkpoint, dropout) in [
+        (QatMode::None, Checkpoint::None, 0.1),
+        (QatMode::Ste, Checkpoint::Every(1), 0.0),
+    ] {
+        let o = TrainOptions {
+            lora: LoraConfig {
+                dropout,
+                ..lora_cfg(&[Target::Q, Target::V, Target::Down])
+            },
+            steps: 3,
+            seq_len: 24,
+            accum: 4,
+            warmup: 1,
+            clip: 0.05,
+            qat,
+            checkpoint,
+            ..TrainOptions::default()
+        };
+        let mut one = Trainer::new(&model, o.clone(), train.clone(), val.clone()).unwrap();
+        let reference: Vec<_> = (0..2)
+            .map(|_| (one.train_step().unwrap(), one.grads()))
+            .collect();
+        for ranges in [vec![0..3, 3..6], vec![0..1, 1..4, 4..6]] {
+            for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
+                let mut p = Trainer::new(&model, o.clone(), train.clone(), val.clone()).unwrap();
+                p.set_stages(stages_of(&ranges, schedule)).unwrap();
+                for (step, (rec, grads)) in reference.iter().enumerate() {
+                    let r = p.train_step().unwrap();
+                    let what =
+                        format!("{qat:?} {checkpoint:?} {ranges:?} {schedule:?} step {step}");
+                    assert!(
+                        (r.loss - rec.loss).abs() <= 1e-4 * rec.loss.abs(),
+                        "{what}: loss"
+                    );
+                    assert!(
+                        (r.grad_norm - rec.grad_norm).abs() <= 1e-4 * rec.grad_norm,
+                        "{what}: norm {} vs {}",
+                        r.grad_norm,
+                        rec.grad_norm
+                    );
+                    let g = p.grads();
+                    let mut nonzero = 0;
+                    for (a, b) in grads.params().zip(g.params()) {
+                        assert!(rel_diff(a, b) <= 1e-4, "{what}: {}", rel_diff(a, b));
+                        nonzero += usize::from(a.iter().any(|&v| v != 0.0));
+                    }
+                    assert!(nonzero > 0, "{what}: some gradient is not zero");
+                    // Every stage ran each micro-batch's forward and backward once.
+                    assert_eq!(p.timeline().len(), 2 * 4 * ranges.len(), "{what}");
+                }
+                for (a, b) in one.lora().params().zip(p.lora().params()) {
+                    assert!(rel_diff(a, b) <= 1e-4);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn one_f_one_b_holds_at_most_n_micro_batches_per_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&synthetic(dir.path(), "q8_0", 3));
+    let samples = text_samples(&model, 16);
+    let (n, m) = (3, 8);
+    let o = TrainOptions {
+        steps: 1,
+        seq_len: 16,
+        accum: m,
+        ..TrainOptions::default()
+    };
+    let run = |schedule| {
+        let mut t = Trainer::new(&model, o.clone(), samples.clone(), Vec::new()).unwrap();
+        t.set_stages(stages_of(&[0..1, 1..2, 2..3], schedule))
+            .unwrap();
+        t.train_step().unwrap();
+        t
+    };
+    let (g, f) = (run(Schedule::GPipe), run(Schedule::OneFOneB));
+    for s in 0..n {
+        let (gs, fs) = (&g.last_step[s], &f.last_step[s]);
+        assert_eq!(gs.peak_live, m, "GPipe holds every micro-batch");
+        assert!(fs.peak_live <= n, "stage {s}: {} live", fs.peak_live);
+        assert_eq!(fs.peak_live, n - s);
+        // Equal-length sequences: activation bytes scale with the micro-batches held.
+        assert!(
+            fs.peak_activation_bytes * m <= gs.peak_activation_bytes * n,
+            "stage {s}: 1F1B {} vs GPipe {} bytes",
+            fs.peak_activation_bytes,
+            gs.peak_activation_bytes
+        );
+    }
+    // The timeline keeps the data dependencies: a forward follows the previous stage's, a
+    // backward the next stage's, and a stage runs one step at a time.
+    for t in [&g, &f] {
+        let tl = t.timeline();
+        let at = |stage: usize, step: Step| {
+            *tl.iter()
+                .find(|x| x.stage == stage && x.step == step)
+                .unwrap()
+        };
+        for i in 0..m {
+            for s in 1..n {
+                assert!(at(s, Step::Forward(i)).start >= at(s - 1, Step::Forward(i)).end);
+                assert!(at(s - 1, Step::Backward(i)).start >= at(s, Step::Backward(i)).end);
+            }
+        }
+        for s in 0..n {
+            let mut mine: Vec<_> = tl.iter().filter(|x| x.stage == s).collect();
+            mine.sort_by(|a, b| a.start.total_cmp(&b.start));
+            assert!(mine.windows(2).all(|w| w[0].end <= w[1].start));
+        }
+    }
+}
+
+#[test]
+fn cli_tunes_over_stages_and_refuses_bad_stage_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = synthetic(dir.path(), "q8_0", 4);
+    let data = dir.path().join("data.txt");
+    std::fs::write(
+        &data,
+        "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(8),
+    )
+    .unwrap();
+    let out = dir.path().join("adapter");
+    let png = dir.path().join("timeline.png");
+    let pare = |extra: &[&str]| {
+        let mut args = vec![
+            "tune",
+            "-m",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--seq-len",
+            "24",
+            "-o",
+            out.to_str().unwrap(),
+            "-t",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_pare"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let o = pare(&[
+        "--stages",
+        "2",
+        "--micro-batches",
+        "3",
+        "--schedule",
+        "gpipe",
+        "--checkpoint",
+        "every",
+        "--timeline",
+        png.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("pipeline plan: 2 stages"), "{err}");
+    assert!(
+        err.contains("bubble") && err.contains("theory 25.0%"),
+        "{err}"
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    for (bad, says) in [
+        (&["--schedule", "gpipe"][..], "give --stages"),
+        (&["--micro-batches", "4"][..], "give --stages"),
+        (&["--stages", "2", "--micro-batches", "0"][..], "at least 1"),
+        (
+            &["--stages", "2", "--schedule", "zigzag"][..],
+            "unknown schedule",
+        ),
+        (
+            &["--stages", "2", "--micro-batches", "2", "--accum", "3"][..],
+            "disagree",
+        ),
+        (&["--stages", "9"][..], "stages"),
+    ] {
+        let o = pare(bad);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{bad:?}: {err}");
+    }
 }

@@ -1,10 +1,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pare::model::{LoraConfig, Target};
+use pare::model::{Lora, LoraConfig, Target};
+use pare::pipeline::schedule::{self, Schedule};
 use pare::train::checkpointing::Checkpoint;
 use pare::train::fake_quant::QatMode;
-use pare::train::trainer::{TrainOptions, Trainer};
+use pare::train::trainer::{Stages, TrainOptions, Trainer};
 use pare::train::{data, memory};
 
 #[derive(clap::Args)]
@@ -56,9 +57,17 @@ pub struct Args {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
-    /// Sequences per step (gradient accumulation).
+    /// Sequences per step (gradient accumulation). With --stages, each sequence is one
+    /// micro-batch, so --micro-batches M means M sequences per step.
     #[arg(long, default_value_t = 1)]
     accum: usize,
+    /// Pipeline schedule with --stages: gpipe (all forwards, then all backwards) or 1f1b
+    /// (PipeDream-Flush: at most N micro-batches' activations per stage).
+    #[arg(long)]
+    schedule: Option<String>,
+    /// With --stages: draw the last step's timeline (stage × time, forward and backward) here.
+    #[arg(long)]
+    timeline: Option<std::path::PathBuf>,
     /// Fraction of the packed sequences held out for validation (the tail of the file).
     #[arg(long, default_value_t = 0.05)]
     val_split: f32,
@@ -76,6 +85,8 @@ pub struct Args {
     /// Continue the run checkpointed in this directory (same data; --steps may extend it).
     #[arg(long)]
     resume: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    stages: super::stages::StageArgs,
 }
 
 /// Set by Ctrl-C: the trainer saves a checkpoint and stops.
@@ -90,6 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tok = model.tokenizer()?;
     let template = model.chat_template()?;
     let checkpoint = Checkpoint::parse(&a.checkpoint)?;
+    let accum = sequences_per_step(&a)?;
     let opts = TrainOptions {
         lora: LoraConfig {
             rank: a.rank,
@@ -100,7 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         steps: a.steps,
         seq_len: a.seq_len,
-        accum: a.accum,
+        accum,
         lr: a.lr,
         warmup: a.warmup,
         weight_decay: a.weight_decay,
@@ -115,30 +127,91 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let samples = data::load(&a.data, &tok, template.as_ref(), a.seq_len)?;
     let (train, val) = data::split(samples, a.val_split)?;
-    let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume(&model, dir, Some(a.steps), Some(checkpoint), train, val)?,
-        None => Trainer::new(&model, opts, train, val)?,
+    // A function, not a closure: under MPI the trainer borrows the rank's transport, which lives
+    // shorter than the model.
+    fn new_trainer<'m>(
+        a: &Args,
+        model: &'m pare::model::Model,
+        opts: TrainOptions,
+        checkpoint: Checkpoint,
+        data: (Vec<data::Sample>, Vec<data::Sample>),
+    ) -> pare::Result<Trainer<'m>> {
+        let (train, val) = data;
+        match &a.resume {
+            Some(dir) => Trainer::resume(model, dir, Some(a.steps), Some(checkpoint), train, val),
+            None => Trainer::new(model, opts, train, val),
+        }
+    }
+    if !a.stages.active() {
+        return train_and_report(&a, new_trainer(&a, &model, opts, checkpoint, (train, val))?);
+    }
+    let schedule: Schedule = a.schedule.as_deref().unwrap_or("1f1b").parse()?;
+    let plan = a.stages.plan(&model, a.seq_len, 0)?;
+    let layers: Vec<_> = plan.stages.iter().map(|s| s.layers.clone()).collect();
+    let stages = Stages {
+        threads: pare::pipeline::thread_shares(pare::parallel::threads(), layers.len()),
+        layers: layers.clone(),
+        schedule,
     };
-    let est = memory::estimate(&model, &trainer.opts);
+    // Under mpirun each rank trains its own stage; an error on any rank ends the job.
+    pare::pipeline::on_mpi_rank(&layers, |t| {
+        let mut trainer = new_trainer(&a, &model, opts, checkpoint, (train, val))?;
+        match t {
+            Some(t) => trainer.set_rank(t, stages)?,
+            None => trainer.set_stages(stages)?,
+        }
+        train_and_report(&a, trainer).map_err(|e| pare::Error::Invalid(format!("{e:#}")))
+    })?;
+    Ok(())
+}
+
+/// Runs `trainer` with a progress bar and prints what it did (rank 0 alone under MPI).
+fn train_and_report(a: &Args, mut trainer: Trainer) -> anyhow::Result<()> {
+    let mpi = pare::pipeline::mpi_rank();
+    let quiet = mpi.unwrap_or(0) != 0;
+    let model = trainer.model;
+    let n_stages = trainer.stages().layers.len();
+    let est = memory::estimate(model, &trainer.opts);
     if let Some(b) = &a.memory_budget {
-        memory::check_budget(&model, &trainer.opts, memory::parse_size(b)?)?;
+        memory::check_budget(model, &trainer.opts, memory::parse_size(b)?)?;
     }
-    eprintln!(
-        "{}: {} adapter parameters (rank {}, {}), qat {}, checkpoint {}, {} threads",
-        a.common.model.display(),
-        trainer.lora.n_params(),
-        trainer.opts.lora.rank,
-        a.targets,
-        trainer.opts.qat.name(),
-        trainer.opts.checkpoint.name(),
-        pare::parallel::threads()
-    );
-    eprintln!("memory estimate: {}", est.describe());
-    if trainer.step > 0 {
-        eprintln!("resuming at step {}", trainer.step);
+    if !quiet {
+        eprintln!(
+            "{}: {} adapter parameters (rank {}, {}), qat {}, checkpoint {}, {} threads",
+            a.common.model.display(),
+            Lora::zeros(&model.config, trainer.opts.lora.clone()).n_params(),
+            trainer.opts.lora.rank,
+            a.targets,
+            trainer.opts.qat.name(),
+            trainer.opts.checkpoint.name(),
+            pare::parallel::threads()
+        );
+        eprintln!("memory estimate: {}", est.describe());
+        if n_stages > 1 {
+            eprintln!(
+                "schedule {}: {} micro-batches (sequences) per step over {n_stages} stages{}",
+                a.schedule.as_deref().unwrap_or("1f1b"),
+                trainer.opts.accum,
+                if mpi.is_some() {
+                    " (MPI ranks)"
+                } else {
+                    " (threads)"
+                }
+            );
+        }
+        if trainer.step > 0 {
+            eprintln!("resuming at step {}", trainer.step);
+        }
     }
-    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
-    let pb = ProgressBar::new(trainer.opts.steps as u64);
+    // Under MPI, mpirun ends every rank on Ctrl-C (a checkpoint needs all ranks at one step).
+    if mpi.is_none() {
+        ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
+    }
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(trainer.opts.steps as u64)
+    };
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("valid template"),
@@ -165,6 +238,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     });
     pb.finish_and_clear();
+    // Threads: every stage's report (under MPI a rank knows its own stage only).
+    if n_stages > 1 && trainer.last_step.len() == n_stages {
+        let sched = trainer.stages().schedule;
+        eprint!(
+            "{}",
+            pare::pipeline::train::describe_step(&trainer.last_step, sched)
+        );
+        if let Some(path) = &a.timeline {
+            let title = format!(
+                "pare tune, one step: {n_stages} stages, {} micro-batches, {}",
+                trainer.opts.accum,
+                a.schedule.as_deref().unwrap_or("1f1b")
+            );
+            let chart = schedule::timeline(
+                &trainer.timeline(),
+                n_stages,
+                title,
+                "seconds from the step's start",
+            );
+            pare::plot::write_timeline_png(path, &chart)?;
+        }
+    }
     let peak = pare::eval::bench::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64;
     match result {
         Err(pare::Error::Interrupted) => {
@@ -179,6 +274,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             std::process::exit(130);
         }
         r => r?,
+    }
+    if quiet {
+        return Ok(());
     }
     let h = &trainer.history;
     let (secs, toks): (f64, usize) = h
@@ -200,4 +298,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+/// Sequences per step: `--accum`, or with stages `--micro-batches` (one sequence each); the two
+/// must agree when both are given.
+fn sequences_per_step(a: &Args) -> anyhow::Result<usize> {
+    let m = a.stages.micro_batches;
+    anyhow::ensure!(m >= 1, "--micro-batches must be at least 1");
+    anyhow::ensure!(a.accum >= 1, "--accum must be at least 1");
+    if !a.stages.active() {
+        anyhow::ensure!(
+            a.timeline.is_none(),
+            "--timeline draws pipeline stages: give --stages N (N > 1) too"
+        );
+        anyhow::ensure!(
+            a.schedule.is_none(),
+            "--schedule applies to pipeline stages: give --stages N (N > 1) too"
+        );
+        anyhow::ensure!(
+            m == 1,
+            "--micro-batches applies to pipeline stages: give --stages N (N > 1), or use --accum"
+        );
+        return Ok(a.accum);
+    }
+    anyhow::ensure!(
+        a.accum == 1 || m == 1 || a.accum == m,
+        "--accum {} and --micro-batches {m} disagree: with stages each sequence of a step is one \
+         micro-batch",
+        a.accum
+    );
+    Ok(a.accum.max(m))
 }

@@ -305,6 +305,27 @@ impl Lora {
         }
     }
 
+    /// Keeps the adapters of `layers` only (a pipeline stage's share): the others are dropped,
+    /// so [`Self::params`] lists just this share, in the global order.
+    pub fn keep_layers(&mut self, layers: std::ops::Range<usize>) {
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            if !layers.contains(&l) {
+                *layer = Default::default();
+            }
+        }
+    }
+
+    /// Copies in every adapter `part` holds (joining the stages' shares back into one set).
+    pub fn absorb(&mut self, part: &Lora) {
+        for (mine, theirs) in self.layers.iter_mut().zip(&part.layers) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                if t.is_some() {
+                    m.clone_from(t);
+                }
+            }
+        }
+    }
+
     /// Whether `B` of `t` is stored in a different row order by PEFT than by this model.
     fn permuted(&self, t: Target) -> bool {
         self.adjacent_rows && t.rope_rows()

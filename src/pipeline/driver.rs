@@ -122,11 +122,7 @@ impl<'m, T: Transport> Driver<'m, T> {
                 other => {
                     return Err(Error::Model(format!(
                         "stage 0 expected logits from the last stage, got {}",
-                        match other {
-                            Message::Forward { .. } => "hidden states",
-                            Message::Stop => "a stop",
-                            Message::Logits(_) => "logits",
-                        }
+                        other.kind()
                     )))
                 }
             }

@@ -1,12 +1,14 @@
 //! Pipeline stages: the layers split into contiguous stages ([`partition`]), each run by its own
 //! worker (a thread, or an MPI rank with the `mpi` feature, see [`transport`]), with micro-batches
 //! flowing from stage to stage in the order a [`schedule`] gives. Stage 0 ([`driver`]) holds the
-//! input and gets the results; the others run [`stage::serve`].
+//! input and gets the results; the others run [`stage::serve`]. Training steps run through
+//! [`train`].
 
 pub mod driver;
 pub mod partition;
 pub mod schedule;
 pub mod stage;
+pub mod train;
 pub mod transport;
 
 use std::ops::Range;
@@ -111,22 +113,6 @@ pub fn run<R>(
     with_threads(model, &ranges, &shares, n_ctx, n_micro, |d| f(d)).map(Some)
 }
 
-#[cfg(not(feature = "mpi"))]
-fn run_mpi<R>(
-    _: &Model,
-    _: &[Range<usize>],
-    _: usize,
-    _: usize,
-    _: impl FnOnce(&mut dyn Stage0) -> Result<R>,
-) -> Result<Option<(R, RunStats)>> {
-    Err(Error::Invalid(
-        "this process was started by mpirun, but pare was built without the `mpi` feature \
-         (cargo build --features mpi)"
-            .into(),
-    ))
-}
-
-#[cfg(feature = "mpi")]
 fn run_mpi<R>(
     model: &Model,
     ranges: &[Range<usize>],
@@ -134,9 +120,63 @@ fn run_mpi<R>(
     n_micro: usize,
     f: impl FnOnce(&mut dyn Stage0) -> Result<R>,
 ) -> Result<Option<(R, RunStats)>> {
+    let t0 = Instant::now();
+    on_mpi_rank(ranges, |t| {
+        let Some(t) = t else {
+            return Err(Error::Model("no MPI transport under mpirun".into()));
+        };
+        let rank = t.stage();
+        if rank == 0 {
+            let mut d = Driver::new(model, t, ranges[0].clone(), n_ctx, n_micro)?;
+            let r = f(&mut d)?;
+            let s0 = d.finish()?;
+            Ok(Some((
+                r,
+                RunStats {
+                    wall: t0.elapsed(),
+                    stages: vec![s0],
+                },
+            )))
+        } else {
+            stage::serve(model, t, ranges[rank].clone(), n_ctx)?;
+            Ok(None)
+        }
+    })
+}
+
+/// Runs `f` with this rank's transport when mpirun started this process (one stage per rank,
+/// stage `i` holding `ranges[i]`), else with `None`. Under MPI, a rank count other than the
+/// number of stages is an error, each rank prints its peak RSS at the end, and an error on any
+/// rank prints it and ends the whole job (no rank is left waiting for a message).
+#[cfg(not(feature = "mpi"))]
+pub fn on_mpi_rank<R>(
+    _ranges: &[Range<usize>],
+    f: impl FnOnce(Option<&mut dyn transport::Transport>) -> Result<R>,
+) -> Result<R> {
+    if mpi_rank().is_some() {
+        return Err(Error::Invalid(
+            "this process was started by mpirun, but pare was built without the `mpi` feature \
+             (cargo build --features mpi)"
+                .into(),
+        ));
+    }
+    f(None)
+}
+
+/// Runs `f` with this rank's transport when mpirun started this process (one stage per rank,
+/// stage `i` holding `ranges[i]`), else with `None`. Under MPI, a rank count other than the
+/// number of stages is an error, each rank prints its peak RSS at the end, and an error on any
+/// rank prints it and ends the whole job (no rank is left waiting for a message).
+#[cfg(feature = "mpi")]
+pub fn on_mpi_rank<R>(
+    ranges: &[Range<usize>],
+    f: impl FnOnce(Option<&mut dyn transport::Transport>) -> Result<R>,
+) -> Result<R> {
+    if mpi_rank().is_none() {
+        return f(None);
+    }
     let mpi = transport::mpi::Mpi::init()?;
     let (rank, size) = (mpi.rank(), mpi.size());
-    let t0 = Instant::now();
     let mismatch = size != ranges.len();
     let result = (|| {
         if mismatch {
@@ -156,21 +196,7 @@ fn run_mpi<R>(
             std::process::abort();
         }
         let mut t = mpi.transport();
-        if rank == 0 {
-            let mut d = Driver::new(model, t, ranges[0].clone(), n_ctx, n_micro)?;
-            let r = f(&mut d)?;
-            let s0 = d.finish()?;
-            Ok(Some((
-                r,
-                RunStats {
-                    wall: t0.elapsed(),
-                    stages: vec![s0],
-                },
-            )))
-        } else {
-            stage::serve(model, &mut t, ranges[rank].clone(), n_ctx)?;
-            Ok(None)
-        }
+        f(Some(&mut t))
     })();
     if result.is_ok() {
         // Each rank's resident memory against its stage's weights: the evidence that a rank

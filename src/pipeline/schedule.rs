@@ -15,6 +15,7 @@
 //! and end, from which the bubble fraction and a timeline chart follow.
 
 use crate::error::{Error, Result};
+use crate::plot::{Bar, Timeline};
 
 /// One step of a stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -173,10 +174,50 @@ pub fn simulate(schedule: &[Vec<Step>], f: &[f64], b: &[f64]) -> Result<Vec<Slot
 
 /// Fraction of stage-time idle between the first start and the last end of `slots`.
 pub fn bubble_fraction(slots: &[Slot], n_stages: usize) -> f64 {
+    idle_per_stage(slots, n_stages).iter().sum::<f64>() / n_stages as f64
+}
+
+/// A chart of `slots` (stage × time, forwards and backwards in two colours, each bar labelled
+/// with its micro-batch), for `crate::plot::write_timeline_png`.
+pub fn timeline(slots: &[Slot], n_stages: usize, title: String, x_label: &str) -> Timeline {
+    Timeline {
+        title,
+        x_label: x_label.into(),
+        rows: (0..n_stages).map(|s| format!("stage {s}")).collect(),
+        classes: vec!["forward".into(), "backward".into()],
+        bars: slots
+            .iter()
+            .map(|s| {
+                let (class, mb) = match s.step {
+                    Step::Forward(i) => (0, i),
+                    Step::Backward(i) => (1, i),
+                };
+                Bar {
+                    row: s.stage,
+                    start: s.start,
+                    end: s.end,
+                    class,
+                    label: mb.to_string(),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Each stage's idle share of the span from the first start to the last end of `slots`.
+pub fn idle_per_stage(slots: &[Slot], n_stages: usize) -> Vec<f64> {
     let t0 = slots.iter().map(|s| s.start).fold(f64::INFINITY, f64::min);
     let t1 = slots.iter().map(|s| s.end).fold(0.0, f64::max);
-    let busy: f64 = slots.iter().map(|s| s.end - s.start).sum();
-    1.0 - busy / ((t1 - t0) * n_stages as f64)
+    (0..n_stages)
+        .map(|st| {
+            let busy: f64 = slots
+                .iter()
+                .filter(|s| s.stage == st)
+                .map(|s| s.end - s.start)
+                .sum();
+            1.0 - busy / (t1 - t0)
+        })
+        .collect()
 }
 
 /// The textbook bubble fraction of GPipe and 1F1B with equal stages: `(S - 1) / (S - 1 + M)`.

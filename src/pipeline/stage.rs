@@ -76,9 +76,10 @@ pub fn serve(
                 }
                 return Ok(stats);
             }
-            Message::Logits(_) => {
+            other => {
                 return Err(Error::Model(format!(
-                    "stage {me}: logits arrived from stage {}, which sends hidden states",
+                    "stage {me}: {} arrived from stage {}, which sends hidden states",
+                    other.kind(),
                     me - 1
                 )))
             }

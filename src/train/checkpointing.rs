@@ -91,6 +91,88 @@ pub struct PassStats {
     pub peak_activation_bytes: usize,
 }
 
+/// What the forward pass of one sequence through a range of layers leaves for its backward
+/// pass: the input of every segment (when checkpointing) and the tapes kept (every segment's
+/// without checkpointing, else the last segment's).
+pub struct Stash {
+    segs: Vec<Range<usize>>,
+    mode: Checkpoint,
+    inputs: Vec<Vec<f32>>,
+    tapes: Vec<Vec<LayerTape>>,
+    /// Bytes held now (inputs and tapes).
+    pub bytes: usize,
+}
+
+impl Stash {
+    /// Runs `layers` on `x` in place, keeping what `mode` keeps (segments of `mode`'s length
+    /// within `layers`, so a pipeline stage checkpoints inside its own layers).
+    pub fn forward(
+        t: &Trainable,
+        layers: Range<usize>,
+        mode: Checkpoint,
+        x: &mut [f32],
+    ) -> Result<Stash> {
+        let segs: Vec<Range<usize>> = mode
+            .segments(layers.len())
+            .into_iter()
+            .map(|s| s.start + layers.start..s.end + layers.start)
+            .collect();
+        let mut st = Stash {
+            inputs: Vec::with_capacity(segs.len()),
+            tapes: Vec::new(),
+            bytes: 0,
+            segs,
+            mode,
+        };
+        for (i, seg) in st.segs.iter().enumerate() {
+            let keep = i + 1 == st.segs.len() || mode == Checkpoint::None;
+            if mode != Checkpoint::None {
+                st.inputs.push(x.to_vec());
+                st.bytes += 4 * x.len();
+            }
+            let tapes = t.forward_layers(seg.clone(), x, keep)?;
+            st.bytes += tapes.iter().map(LayerTape::bytes).sum::<usize>();
+            if keep {
+                st.tapes.push(tapes);
+            }
+        }
+        Ok(st)
+    }
+
+    /// Back through the stashed layers: `dx` holds the gradient at their output and leaves
+    /// holding it at their input; adapter gradients are added to `grads`. Returns the layers
+    /// recomputed and the most bytes alive at once while doing so (this stash's inputs and one
+    /// recomputed segment's tapes).
+    pub fn backward(
+        mut self,
+        t: &Trainable,
+        dx: &mut [f32],
+        grads: &mut Lora,
+    ) -> Result<(usize, usize)> {
+        let (mut recomputed, mut peak) = (0, 0);
+        let x_bytes = 4 * dx.len();
+        let n = self.segs.len();
+        for (i, seg) in self.segs.iter().enumerate().rev() {
+            let tapes = match self.tapes.pop() {
+                Some(tp) if self.mode == Checkpoint::None || i + 1 == n => tp,
+                other => {
+                    debug_assert!(other.is_none());
+                    let mut xs = self.inputs[i].clone();
+                    recomputed += seg.len();
+                    let tp = t.forward_layers(seg.clone(), &mut xs, true)?;
+                    let bytes = tp.iter().map(LayerTape::bytes).sum::<usize>();
+                    peak = peak.max(bytes + (i + 1) * x_bytes);
+                    tp
+                }
+            };
+            t.backward_layers(seg.clone(), &tapes, dx, grads)?;
+            drop(tapes);
+            self.inputs.truncate(i);
+        }
+        Ok((recomputed, peak))
+    }
+}
+
 /// Loss and gradients for one sequence: `tokens` (n + 1 ids) predicts `tokens[1..]` with the
 /// per-position `weight`s; adapter gradients are added to `grads`.
 pub fn loss_and_grad(
@@ -106,51 +188,18 @@ pub fn loss_and_grad(
         ));
     }
     let n = tokens.len() - 1;
-    let c = &t.model.config;
-    let segs = mode.segments(c.n_layer);
     let mut x = t.embed(&tokens[..n])?;
-    let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(segs.len());
-    let mut last_tapes = Vec::new();
-    let mut stats = PassStats::default();
-    let x_len = x.len();
-    let input_bytes = |k: usize| k * 4 * x_len;
-    let mut held = 0usize;
-    for (i, seg) in segs.iter().enumerate() {
-        let last = i + 1 == segs.len();
-        let keep = last || mode == Checkpoint::None;
-        if mode != Checkpoint::None {
-            inputs.push(x.clone());
-        }
-        let tapes = t.forward_layers(seg.clone(), &mut x, keep)?;
-        held += tapes.iter().map(LayerTape::bytes).sum::<usize>();
-        stats.peak_activation_bytes = stats
-            .peak_activation_bytes
-            .max(held + input_bytes(inputs.len()));
-        if keep {
-            last_tapes.push(tapes);
-        }
-    }
+    let stash = Stash::forward(t, 0..t.model.config.n_layer, mode, &mut x)?;
+    let mut stats = PassStats {
+        peak_activation_bytes: stash.bytes,
+        ..PassStats::default()
+    };
     let mut dx = vec![0.0f32; x.len()];
     stats.loss = t.head_loss(&x, &tokens[1..], weight, Some(&mut dx))?;
     drop(x);
-    for (i, seg) in segs.iter().enumerate().rev() {
-        let tapes = match last_tapes.pop() {
-            Some(tp) if mode == Checkpoint::None || i + 1 == segs.len() => tp,
-            other => {
-                debug_assert!(other.is_none());
-                let mut xs = inputs[i].clone();
-                stats.recomputed_layers += seg.len();
-                let tp = t.forward_layers(seg.clone(), &mut xs, true)?;
-                let bytes = tp.iter().map(LayerTape::bytes).sum::<usize>();
-                stats.peak_activation_bytes =
-                    stats.peak_activation_bytes.max(bytes + input_bytes(i + 1));
-                tp
-            }
-        };
-        t.backward_layers(seg.clone(), &tapes, &mut dx, grads)?;
-        drop(tapes);
-        inputs.truncate(i);
-    }
+    let (recomputed, peak) = stash.backward(t, &mut dx, grads)?;
+    stats.recomputed_layers = recomputed;
+    stats.peak_activation_bytes = stats.peak_activation_bytes.max(peak);
     Ok(stats)
 }
 

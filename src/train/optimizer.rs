@@ -98,12 +98,24 @@ impl Schedule {
 /// Scales the gradients so their global L2 norm is at most `max_norm` (when `max_norm > 0`);
 /// returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut Vec<f32>], max_norm: f32) -> f32 {
-    let ss: f64 = grads
+    let norm = sum_of_squares(grads).sqrt() as f32;
+    scale_to_norm(grads, norm, max_norm);
+    norm
+}
+
+/// Σ g² over every gradient tensor: a worker's share of the squared global norm (pipeline stages
+/// add theirs up before clipping, since the norm is global).
+pub fn sum_of_squares(grads: &[&mut Vec<f32>]) -> f64 {
+    grads
         .iter()
         .flat_map(|g| g.iter())
         .map(|&v| v as f64 * v as f64)
-        .sum();
-    let norm = ss.sqrt() as f32;
+        .sum()
+}
+
+/// Scales gradients whose global norm is `norm` down to `max_norm` (when `max_norm > 0` and the
+/// norm exceeds it).
+pub fn scale_to_norm(grads: &mut [&mut Vec<f32>], norm: f32, max_norm: f32) {
     if max_norm > 0.0 && norm > max_norm {
         let k = max_norm / norm;
         for g in grads.iter_mut() {
@@ -112,7 +124,6 @@ pub fn clip_grad_norm(grads: &mut [&mut Vec<f32>], max_norm: f32) -> f32 {
             }
         }
     }
-    norm
 }
 
 #[cfg(test)]

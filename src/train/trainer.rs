@@ -12,14 +12,17 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::checkpointing::{loss_and_grad, Checkpoint};
+use super::checkpointing::Checkpoint;
 use super::data::{self, Sample};
 use super::fake_quant::{FakeQuant, QatMode};
-use super::optimizer::{clip_grad_norm, AdamW, Schedule};
+use super::optimizer::Schedule;
 use crate::error::{Error, Result};
 use crate::format::safetensors::{self as st, Dtype, LazyTensor, SafetensorsFile};
 use crate::model::backward::{MergedWeight, Trainable};
 use crate::model::{Lora, LoraConfig, Model, Target};
+use crate::pipeline::schedule::{self as pipe_schedule, Slot};
+use crate::pipeline::train::{self as pipe, MicroBatch, StageReport, StageState, StepJob};
+use crate::pipeline::transport::{Message, Transport};
 use crate::quant::quantize::Method;
 
 /// Everything that shapes a run.
@@ -207,13 +210,28 @@ impl Record {
     }
 }
 
+/// How a step is spread over workers: pipeline stages, each with its layers and threads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stages {
+    pub layers: Vec<std::ops::Range<usize>>,
+    /// Threads per stage.
+    pub threads: Vec<usize>,
+    pub schedule: pipe_schedule::Schedule,
+}
+
 /// A training run in progress.
 pub struct Trainer<'m> {
     pub model: &'m Model,
     pub opts: TrainOptions,
-    pub lora: Lora,
-    grads: Lora,
-    opt: AdamW,
+    /// The adapters, their gradients and optimizer moments: one share per pipeline stage (one
+    /// share for a single worker).
+    parts: Vec<StageState>,
+    stages: Stages,
+    /// What each stage did in the last step (its timeline and activation memory); under MPI,
+    /// this rank's stage only.
+    pub last_step: Vec<StageReport>,
+    /// Under MPI: this rank's transport, `parts` then holding its own stage's share only.
+    rank: Option<&'m mut dyn Transport>,
     /// Steps done.
     pub step: usize,
     pub history: Vec<Record>,
@@ -243,15 +261,24 @@ impl<'m> Trainer<'m> {
             super::fake_quant::check_base(model, &opts.lora.targets)?;
         }
         let lora = Lora::new(&model.config, opts.lora.clone(), opts.seed)?;
-        let grads = Lora::zeros(&model.config, opts.lora.clone());
-        let sizes: Vec<usize> = lora.params().map(|p| p.len()).collect();
-        let opt = AdamW::new(&sizes, opts.weight_decay);
+        let stages = Stages {
+            layers: std::iter::once(0..model.config.n_layer).collect(),
+            threads: vec![crate::parallel::threads()],
+            schedule: pipe_schedule::Schedule::OneFOneB,
+        };
+        let parts = vec![StageState::new(
+            model,
+            &lora,
+            0..model.config.n_layer,
+            opts.weight_decay,
+        )];
         Ok(Trainer {
             model,
             opts,
-            lora,
-            grads,
-            opt,
+            parts,
+            stages,
+            last_step: Vec::new(),
+            rank: None,
             step: 0,
             history: Vec::new(),
             train,
@@ -292,17 +319,19 @@ impl<'m> Trainer<'m> {
                 dir.display()
             )));
         }
-        t.lora = Lora::load(&dir, &model.config)?;
-        if t.lora.config != t.opts.lora {
+        let lora = Lora::load(&dir, &model.config)?;
+        if lora.config != t.opts.lora {
             return Err(Error::Invalid(format!(
                 "{}: adapter config differs from the trainer state",
                 dir.display()
             )));
         }
+        t.parts[0].lora = lora;
         t.step = j["step"].as_u64().unwrap_or(0) as usize;
-        t.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
+        let p = &mut t.parts[0];
+        p.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
         let opt_file = SafetensorsFile::open(dir.join(OPTIMIZER_FILE))?;
-        for (i, (m, v)) in t.opt.m.iter_mut().zip(&mut t.opt.v).enumerate() {
+        for (i, (m, v)) in p.opt.m.iter_mut().zip(&mut p.opt.v).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
                 let e = opt_file.get(&name).ok_or_else(|| {
                     Error::Invalid(format!("{}: {name} missing", opt_file.path.display()))
@@ -344,7 +373,145 @@ impl<'m> Trainer<'m> {
         })
     }
 
-    /// One optimizer update over `accum` sequences.
+    /// Spreads the following steps over pipeline stages (`stages.layers`, contiguous from layer
+    /// 0 to the last), each stage taking its share of the adapters and optimizer moments.
+    pub fn set_stages(&mut self, stages: Stages) -> Result<()> {
+        let n_layer = self.model.config.n_layer;
+        let contiguous = stages.layers.first().map(|r| r.start) == Some(0)
+            && stages.layers.last().map(|r| r.end) == Some(n_layer)
+            && stages.layers.windows(2).all(|w| w[0].end == w[1].start)
+            && stages.layers.iter().all(|r| !r.is_empty());
+        if !contiguous || stages.threads.len() != stages.layers.len() {
+            return Err(Error::Invalid(format!(
+                "stages {:?} with threads {:?}: expected non-empty contiguous layer ranges \
+                 covering 0..{n_layer}, one thread count each",
+                stages.layers, stages.threads
+            )));
+        }
+        let Snapshot { lora, t, m, v } = self.snapshot();
+        let mut parts: Vec<StageState> = stages
+            .layers
+            .iter()
+            .map(|r| StageState::new(self.model, &lora, r.clone(), self.opts.weight_decay))
+            .collect();
+        let (mut m, mut v) = (m.into_iter(), v.into_iter());
+        for p in &mut parts {
+            p.opt.t = t;
+            for (pm, pv) in p.opt.m.iter_mut().zip(&mut p.opt.v) {
+                *pm = m.next().expect("one moment per parameter");
+                *pv = v.next().expect("one moment per parameter");
+            }
+        }
+        self.parts = parts;
+        self.stages = stages;
+        Ok(())
+    }
+
+    pub fn stages(&self) -> &Stages {
+        &self.stages
+    }
+
+    /// The adapters, joined from the stages' shares.
+    pub fn lora(&self) -> Lora {
+        let mut lora = self.parts[0].lora.clone();
+        for p in &self.parts[1..] {
+            lora.absorb(&p.lora);
+        }
+        lora
+    }
+
+    /// The last step's gradients (clipped), joined from the stages' shares.
+    pub fn grads(&self) -> Lora {
+        let mut g = self.parts[0].grads.clone();
+        for p in &self.parts[1..] {
+            g.absorb(&p.grads);
+        }
+        g
+    }
+
+    /// Makes this process the MPI rank of stage `t.stage()` of `stages`: it keeps only that
+    /// stage's share of the adapters and optimizer moments, and its steps exchange hidden states
+    /// and gradients with the other ranks through `t`.
+    pub fn set_rank(&mut self, t: &'m mut dyn Transport, stages: Stages) -> Result<()> {
+        if t.n_stages() != stages.layers.len() {
+            return Err(Error::Invalid(format!(
+                "{} ranks for {} stages",
+                t.n_stages(),
+                stages.layers.len()
+            )));
+        }
+        self.set_stages(stages)?;
+        self.parts = vec![self.parts.swap_remove(t.stage())];
+        self.rank = Some(t);
+        Ok(())
+    }
+
+    /// This process's adapters and optimizer moments (all of them but under MPI).
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            lora: self.lora(),
+            t: self.parts[0].opt.t,
+            m: self.parts.iter().flat_map(|p| p.opt.m.clone()).collect(),
+            v: self.parts.iter().flat_map(|p| p.opt.v.clone()).collect(),
+        }
+    }
+
+    /// Every stage's adapters and moments, on stage 0 (`None` on the other MPI ranks, which
+    /// send theirs to it): what saving and validation need. Under MPI every rank must call it
+    /// at the same point.
+    fn gather(&mut self) -> Result<Option<Snapshot>> {
+        let mut all = self.snapshot();
+        let Some(t) = self.rank.as_deref_mut() else {
+            return Ok(Some(all));
+        };
+        if t.stage() != 0 {
+            let flat: Vec<f32> = all
+                .lora
+                .params()
+                .chain(all.m.iter().map(|v| v.as_slice()))
+                .chain(all.v.iter().map(|v| v.as_slice()))
+                .flatten()
+                .copied()
+                .collect();
+            t.send(0, Message::Share(flat))?;
+            return Ok(None);
+        }
+        for s in 1..t.n_stages() {
+            let mut share = Lora::zeros(&self.model.config, self.opts.lora.clone());
+            share.keep_layers(self.stages.layers[s].clone());
+            let sizes: Vec<usize> = share.params().map(|p| p.len()).collect();
+            let flat = match t.recv(s)? {
+                Message::Share(v) if v.len() == 3 * sizes.iter().sum::<usize>() => v,
+                other => {
+                    return Err(Error::Model(format!(
+                        "rank 0 expected the adapters of stage {s}, got {}",
+                        other.kind()
+                    )))
+                }
+            };
+            let mut rest = flat.as_slice();
+            let mut take = |k: usize| {
+                let (a, b) = rest.split_at(k);
+                rest = b;
+                a.to_vec()
+            };
+            for p in share.params_mut() {
+                *p = take(p.len());
+            }
+            all.m.extend(sizes.iter().map(|&k| take(k)));
+            all.v.extend(sizes.iter().map(|&k| take(k)));
+            all.lora.absorb(&share);
+        }
+        Ok(Some(all))
+    }
+
+    /// The last step's forwards and backwards on every stage, timed from the step's start.
+    pub fn timeline(&self) -> Vec<Slot> {
+        self.last_step.iter().flat_map(|r| r.ops.clone()).collect()
+    }
+
+    /// One optimizer update over `accum` sequences: one micro-batch each, through the stages in
+    /// the order of their schedule (one stage: one sequence after another).
     pub fn train_step(&mut self) -> Result<Record> {
         let start = Instant::now();
         let o = &self.opts;
@@ -354,51 +521,61 @@ impl<'m> Trainer<'m> {
             .collect();
         let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
         let fq = self.qat();
-        self.grads.zero();
-        let (mut loss, mut tokens, mut recomputed, mut peak) = (0.0, 0, 0, 0);
-        for (micro, &i) in picks.iter().enumerate() {
-            let s = &self.train[i];
-            let w: Vec<f32> = s
-                .scored
-                .iter()
-                .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
-                .collect();
-            let t = Trainable {
-                model: self.model,
-                lora: &self.lora,
-                merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
-                dropout_seed: Some(mix(o.seed, (self.step * o.accum + micro) as u64)),
-            };
-            let st = loss_and_grad(&t, &s.tokens, &w, o.checkpoint, &mut self.grads)?;
-            loss += st.loss;
-            tokens += s.tokens.len() - 1;
-            recomputed += st.recomputed_layers;
-            peak = peak.max(st.peak_activation_bytes);
-        }
-        if !loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "step {}: the loss is {loss}; lower the learning rate",
-                self.step + 1
-            )));
-        }
-        let mut g: Vec<&mut Vec<f32>> = self.grads.params_mut().collect();
-        let grad_norm = clip_grad_norm(&mut g, o.clip);
+        let micro = picks
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let s = &self.train[i];
+                MicroBatch {
+                    tokens: &s.tokens,
+                    weight: s
+                        .scored
+                        .iter()
+                        .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
+                        .collect(),
+                    dropout_seed: Some(mix(o.seed, (self.step * o.accum + k) as u64)),
+                }
+            })
+            .collect();
         let lr = o.schedule().lr(self.step);
-        let grads: Vec<&[f32]> = self.grads.params().collect();
-        let mut params: Vec<&mut Vec<f32>> = self.lora.params_mut().collect();
-        self.opt.step(&mut params, &grads, lr)?;
+        let job = StepJob {
+            model: self.model,
+            merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
+            checkpoint: o.checkpoint,
+            schedule: self.stages.schedule,
+            micro,
+            clip: o.clip,
+            lr,
+        };
+        let tokens = job.micro.iter().map(|mb| mb.tokens.len() - 1).sum();
+        let reports = match self.rank.as_deref_mut() {
+            Some(t) => {
+                pipe::stage_step(t, &mut self.parts[0], &job, Instant::now()).map(|r| vec![r])
+            }
+            None => pipe::step_threads(&mut self.parts, &job, &self.stages.threads),
+        }
+        .map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("step {}: {m}", self.step + 1)),
+            e => e,
+        })?;
         self.step += 1;
+        let r0 = &reports[0];
         let rec = Record {
             step: self.step,
-            loss,
+            loss: r0.loss,
             lr,
-            grad_norm,
+            grad_norm: r0.grad_norm,
             tokens,
             secs: start.elapsed().as_secs_f64(),
-            recomputed_layers: recomputed,
-            peak_activation_bytes: peak,
+            recomputed_layers: reports.iter().map(|r| r.recomputed_layers).sum(),
+            peak_activation_bytes: reports
+                .iter()
+                .map(|r| r.peak_activation_bytes)
+                .max()
+                .unwrap_or(0),
             val_loss: None,
         };
+        self.last_step = reports;
         self.history.push(rec);
         Ok(rec)
     }
@@ -406,6 +583,11 @@ impl<'m> Trainer<'m> {
     /// Mean loss per scored token over the validation sequences (the first `eval_samples`, or
     /// all), with the adapters as trained (fake-quantized under QAT); `None` without any.
     pub fn evaluate(&self) -> Result<Option<f64>> {
+        self.evaluate_with(&self.lora())
+    }
+
+    /// [`Self::evaluate`] with the adapters `lora`.
+    fn evaluate_with(&self, lora: &Lora) -> Result<Option<f64>> {
         let k = match self.opts.eval_samples {
             0 => self.val.len(),
             k => k.min(self.val.len()),
@@ -416,7 +598,7 @@ impl<'m> Trainer<'m> {
         let fq = self.qat();
         let t = Trainable {
             model: self.model,
-            lora: &self.lora,
+            lora,
             merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
             dropout_seed: None,
         };
@@ -452,7 +634,9 @@ impl<'m> Trainer<'m> {
             let last = self.step == self.opts.steps;
             let ev = self.opts.eval_every;
             if (ev > 0 && self.step.is_multiple_of(ev)) || last {
-                rec.val_loss = self.evaluate()?;
+                if let Some(all) = self.gather()? {
+                    rec.val_loss = self.evaluate_with(&all.lora)?;
+                }
                 if let Some(r) = self.history.last_mut() {
                     r.val_loss = rec.val_loss;
                 }
@@ -463,22 +647,31 @@ impl<'m> Trainer<'m> {
                 self.save_checkpoint(out, base_name)?;
             }
         }
-        self.lora.save(out, base_name)?;
-        self.plot(&out.join("loss.png"))
+        match self.gather()? {
+            Some(all) => {
+                all.lora.save(out, base_name)?;
+                self.plot(&out.join("loss.png"))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Writes `out/checkpoint/` whole: the files go to a fresh directory that then replaces the
     /// old checkpoint by renames, so an interruption leaves the old or the new one complete.
-    pub fn save_checkpoint(&self, out: &Path, base_name: &str) -> Result<()> {
+    /// Under MPI every rank calls it; rank 0 writes.
+    pub fn save_checkpoint(&mut self, out: &Path, base_name: &str) -> Result<()> {
+        let Some(all) = self.gather()? else {
+            return Ok(());
+        };
         let ck = out.join(CHECKPOINT_DIR);
         let tmp = out.join(format!("{CHECKPOINT_DIR}.tmp"));
         let old = out.join(format!("{CHECKPOINT_DIR}.old"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        self.lora.save(&tmp, base_name)?;
+        all.lora.save(&tmp, base_name)?;
         let mut tensors = Vec::new();
-        for (i, (m, v)) in self.opt.m.iter().zip(&self.opt.v).enumerate() {
+        for (i, (m, v)) in all.m.into_iter().zip(all.v).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
                 let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
                 tensors.push((
@@ -490,7 +683,7 @@ impl<'m> Trainer<'m> {
         st::write(&tmp.join(OPTIMIZER_FILE), tensors)?;
         let state = json!({
             "step": self.step,
-            "optimizer_t": self.opt.t,
+            "optimizer_t": all.t,
             "options": self.opts.to_json(),
             "data": {"fingerprint": self.data_fingerprint()},
             "history": self.history.iter().map(record_to_json).collect::<Vec<_>>(),
@@ -549,6 +742,16 @@ impl<'m> Trainer<'m> {
         };
         crate::plot::write_png(path, &chart)
     }
+}
+
+/// Adapters and optimizer state, as saved.
+struct Snapshot {
+    lora: Lora,
+    /// Optimizer steps taken.
+    t: u64,
+    /// Moments per parameter tensor, in `lora.params()` order.
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
 }
 
 /// The checkpoint to resume from: `dir/checkpoint`, else the leftover `dir/checkpoint.old` of an

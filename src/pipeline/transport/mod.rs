@@ -34,6 +34,32 @@ pub enum Message {
     Logits(Vec<f32>),
     /// The job is over: each stage passes it on and ends.
     Stop,
+    /// Training: micro-batch `micro`'s hidden states leaving a stage, to the next.
+    Activations { micro: usize, hidden: Vec<f32> },
+    /// Training: the gradient of the loss with respect to those hidden states, to the previous
+    /// stage.
+    Gradient { micro: usize, grad: Vec<f32> },
+    /// Training: numbers each stage contributes to a total (its squared gradient norm, its
+    /// loss), sent to stage 0, which sends the totals back.
+    Sums(Vec<f64>),
+    /// Training under MPI: a stage's adapters and optimizer moments, flattened, to stage 0, which
+    /// saves and evaluates the whole set.
+    Share(Vec<f32>),
+}
+
+impl Message {
+    /// What kind of message this is, for errors about an unexpected one.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Forward { .. } => "hidden states",
+            Message::Logits(_) => "logits",
+            Message::Stop => "a stop",
+            Message::Activations { .. } => "training activations",
+            Message::Gradient { .. } => "a gradient",
+            Message::Sums(_) => "sums",
+            Message::Share(_) => "a stage's adapters",
+        }
+    }
 }
 
 /// Point-to-point messages between the stages of one pipeline.
@@ -45,4 +71,21 @@ pub trait Transport {
     fn send(&mut self, to: usize, msg: Message) -> Result<()>;
     /// The next message from stage `from`; an error when that stage has gone.
     fn recv(&mut self, from: usize) -> Result<Message>;
+}
+
+/// A borrowed transport is one too (a stage run over a transport that outlives it, as an MPI
+/// rank's does).
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn stage(&self) -> usize {
+        (**self).stage()
+    }
+    fn n_stages(&self) -> usize {
+        (**self).n_stages()
+    }
+    fn send(&mut self, to: usize, msg: Message) -> Result<()> {
+        (**self).send(to, msg)
+    }
+    fn recv(&mut self, from: usize) -> Result<Message> {
+        (**self).recv(from)
+    }
 }

@@ -1,9 +1,10 @@
 //! One stage per MPI rank (Open MPI through the `mpi` crate): a message is a header of six
-//! integers followed, for hidden states and logits, by its f32 values, both point-to-point on
-//! MPI_COMM_WORLD (MPI keeps messages between two ranks in order). A rank that fails calls
-//! MPI_Abort, which ends every rank of the job, so no stage waits forever; a rank that dies is
-//! noticed by mpirun, which ends the others.
+//! integers followed, for hidden states, logits and gradients, by its f32 values (f64 for sums),
+//! both point-to-point on MPI_COMM_WORLD (MPI keeps messages between two ranks in order). A rank
+//! that fails calls MPI_Abort, which ends every rank of the job, so no stage waits forever; a rank
+//! that dies is noticed by mpirun, which ends the others.
 
+use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 
@@ -14,6 +15,10 @@ use crate::model::Logits;
 const FORWARD: u64 = 1;
 const LOGITS: u64 = 2;
 const STOP: u64 = 3;
+const ACTIVATIONS: u64 = 4;
+const GRADIENT: u64 = 5;
+const SUMS: u64 = 6;
+const SHARE: u64 = 7;
 
 /// This process's place in an MPI job. Dropping it finalizes MPI.
 pub struct Mpi {
@@ -60,12 +65,45 @@ impl Mpi {
 
     /// The transport of this rank's stage.
     pub fn transport(&self) -> MpiTransport<'_> {
-        MpiTransport { world: &self.world }
+        MpiTransport {
+            world: &self.world,
+            in_flight: Vec::new(),
+        }
     }
 }
 
+/// A data send and the buffer it reads (leaked until the send completes).
+type InFlight = (Request<'static, [f32], StaticScope>, *mut [f32]);
+
 pub struct MpiTransport<'a> {
     world: &'a SimpleCommunicator,
+    /// Data sends not known to be complete, with the buffers they read. Sends do not wait for
+    /// the receiver, so two stages that each send before receiving (1F1B's steady state: a
+    /// forward's output one way, a backward's the other) cannot deadlock on MPI's rendezvous.
+    in_flight: Vec<InFlight>,
+}
+
+impl MpiTransport<'_> {
+    /// Frees the buffers of the sends that have completed.
+    fn reap(&mut self) {
+        for (req, buf) in std::mem::take(&mut self.in_flight) {
+            match req.test() {
+                // SAFETY: `buf` came from `Box::leak` in `send`, and its send is complete.
+                Ok(_) => drop(unsafe { Box::from_raw(buf) }),
+                Err(req) => self.in_flight.push((req, buf)),
+            }
+        }
+    }
+}
+
+impl Drop for MpiTransport<'_> {
+    fn drop(&mut self) {
+        for (req, buf) in self.in_flight.drain(..) {
+            req.wait();
+            // SAFETY: as in `reap`.
+            drop(unsafe { Box::from_raw(buf) });
+        }
+    }
 }
 
 fn want_code(w: Logits) -> u64 {
@@ -87,24 +125,42 @@ impl Transport for MpiTransport<'_> {
 
     fn send(&mut self, to: usize, msg: Message) -> Result<()> {
         let p = self.world.process_at_rank(to as i32);
-        match msg {
-            Message::Forward { header: h, hidden } => {
-                let head = [
+        let (head, data) = match msg {
+            Message::Forward { header: h, hidden } => (
+                [
                     FORWARD,
                     h.n_tokens as u64,
                     u64::from(h.reset),
                     want_code(h.want),
                     u64::from(h.reply),
                     hidden.len() as u64,
-                ];
-                p.send(&head[..]);
-                p.send(&hidden[..]);
+                ],
+                hidden,
+            ),
+            Message::Logits(l) => ([LOGITS, 0, 0, 0, 0, l.len() as u64], l),
+            Message::Stop => ([STOP, 0, 0, 0, 0, 0], Vec::new()),
+            Message::Activations { micro, hidden } => (
+                [ACTIVATIONS, micro as u64, 0, 0, 0, hidden.len() as u64],
+                hidden,
+            ),
+            Message::Gradient { micro, grad } => {
+                ([GRADIENT, micro as u64, 0, 0, 0, grad.len() as u64], grad)
             }
-            Message::Logits(l) => {
-                p.send(&[LOGITS, 0, 0, 0, 0, l.len() as u64][..]);
-                p.send(&l[..]);
+            Message::Share(v) => ([SHARE, 0, 0, 0, 0, v.len() as u64], v),
+            Message::Sums(v) => {
+                p.send(&[SUMS, 0, 0, 0, 0, v.len() as u64][..]);
+                p.send(&v[..]);
+                return Ok(());
             }
-            Message::Stop => p.send(&[STOP, 0, 0, 0, 0, 0][..]),
+        };
+        p.send(&head[..]);
+        if head[0] != STOP {
+            self.reap();
+            // The buffer lives until the send completes (`reap`, or `drop` at the latest).
+            let buf: &'static mut [f32] = Box::leak(data.into_boxed_slice());
+            let ptr: *mut [f32] = buf;
+            let req = p.immediate_send(StaticScope, &*buf);
+            self.in_flight.push((req, ptr));
         }
         Ok(())
     }
@@ -150,6 +206,22 @@ impl Transport for MpiTransport<'_> {
                 })
             }
             LOGITS => Ok(Message::Logits(data(head[5])?)),
+            ACTIVATIONS => Ok(Message::Activations {
+                micro: head[1] as usize,
+                hidden: data(head[5])?,
+            }),
+            GRADIENT => Ok(Message::Gradient {
+                micro: head[1] as usize,
+                grad: data(head[5])?,
+            }),
+            SHARE => Ok(Message::Share(data(head[5])?)),
+            SUMS => {
+                let (v, _) = p.receive_vec::<f64>();
+                if v.len() as u64 != head[5] {
+                    return Err(bad());
+                }
+                Ok(Message::Sums(v))
+            }
             STOP => Ok(Message::Stop),
             _ => Err(bad()),
         }
