@@ -210,7 +210,8 @@ mod tests {
         for _ in 0..4000 {
             let (y, p) = sample(&logits, &mut rng);
             counts[y as usize] += 1;
-            assert!((p[1] - 0.75).abs() < 1e-9 && p[2] == 0.0);
+            // ln 3 rounded to f32 puts p[1] within ~1e-7 of 3/4.
+            assert!((p[1] - 0.75).abs() < 1e-6 && p[2] == 0.0);
         }
         assert_eq!(counts[2], 0);
         assert!((counts[1] as f64 / 4000.0 - 0.75).abs() < 0.03);
