@@ -126,10 +126,7 @@ pub fn allocate(
                     }
                     // A format and its ggml twin (q4_g32 and q4_1) are one candidate, measured
                     // under whichever name came first.
-                    let twin = |f: GgmlType| match f {
-                        GgmlType::Pq(p) => Some(p),
-                        other => crate::quant::pq::Pq::of_ggml(other),
-                    };
+                    let twin = crate::quant::pq::Pq::member;
                     c.iter()
                         .position(|o| {
                             o.format == want

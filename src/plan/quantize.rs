@@ -163,8 +163,7 @@ pub fn code_bits(ty: GgmlType) -> u32 {
     match ty {
         GgmlType::F32 => 32,
         GgmlType::F16 | GgmlType::BF16 => 16,
-        GgmlType::Pq(p) => p.bits as u32,
-        other => crate::quant::pq::Pq::of_ggml(other).map_or(32, |p| p.bits as u32),
+        other => crate::quant::pq::Pq::member(other).map_or(32, |p| p.bits as u32),
     }
 }
 

@@ -173,6 +173,14 @@ impl Pq {
         }
     }
 
+    /// The pq member `ty` is: itself for a pq format, its twin for a ggml legacy type.
+    pub fn member(ty: super::GgmlType) -> Option<Pq> {
+        match ty {
+            super::GgmlType::Pq(p) => Some(p),
+            other => Pq::of_ggml(other),
+        }
+    }
+
     /// The pq member a ggml legacy type is identical to (any row length that type allows).
     pub fn of_ggml(ty: super::GgmlType) -> Option<Pq> {
         use super::GgmlType as G;
