@@ -14,13 +14,12 @@ use serde_json::json;
 
 use super::checkpointing::{loss_and_grad, Checkpoint};
 use super::data::{self, Sample};
-use super::fake_quant::{FakeQuant, QatMode};
+use super::fake_quant::{self, FakeQuant, Grids, QatMode};
 use super::optimizer::{clip_grad_norm, AdamW, Schedule};
 use crate::error::{Error, Result};
 use crate::format::safetensors::{self as st, Dtype, LazyTensor, SafetensorsFile};
 use crate::model::backward::{MergedWeight, Trainable};
 use crate::model::{Lora, LoraConfig, Model, Target};
-use crate::quant::quantize::Method;
 
 /// Everything that shapes a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +40,9 @@ pub struct TrainOptions {
     pub clip: f32,
     pub checkpoint: Checkpoint,
     pub qat: QatMode,
+    /// Peak learning rate of the learned step sizes and offsets (`--qat lsq`), on the same
+    /// schedule as `lr`; no weight decay.
+    pub lsq_lr: f32,
     pub seed: u64,
     /// Validation every this many steps (0: only at the end).
     pub eval_every: usize,
@@ -64,6 +66,7 @@ impl Default for TrainOptions {
             clip: 1.0,
             checkpoint: Checkpoint::None,
             qat: QatMode::None,
+            lsq_lr: 1e-4,
             seed: 42,
             eval_every: 0,
             eval_samples: 0,
@@ -84,6 +87,12 @@ impl TrainOptions {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("learning rate {} must be positive", self.lr));
+        }
+        if !(self.lsq_lr.is_finite() && self.lsq_lr >= 0.0) {
+            return bad(format!(
+                "step-size learning rate {} must not be negative",
+                self.lsq_lr
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad(format!(
@@ -117,7 +126,8 @@ impl TrainOptions {
             "steps": self.steps, "seq_len": self.seq_len, "accum": self.accum, "lr": self.lr,
             "warmup": self.warmup, "min_lr_ratio": self.min_lr_ratio,
             "weight_decay": self.weight_decay, "clip": self.clip,
-            "checkpoint": self.checkpoint.name(), "qat": self.qat.name(), "seed": self.seed,
+            "checkpoint": self.checkpoint.name(), "qat": self.qat.name(), "lsq_lr": self.lsq_lr,
+            "seed": self.seed,
             "eval_every": self.eval_every, "eval_samples": self.eval_samples,
             "save_every": self.save_every,
         })
@@ -171,6 +181,11 @@ impl TrainOptions {
             clip: f("clip")?,
             checkpoint: Checkpoint::parse(s("checkpoint")?)?,
             qat: QatMode::parse(s("qat")?)?,
+            // Absent from checkpoints written before `--qat lsq` existed.
+            lsq_lr: j
+                .get("lsq_lr")
+                .and_then(|v| v.as_f64())
+                .map_or(TrainOptions::default().lsq_lr, |v| v as f32),
             seed: j
                 .get("seed")
                 .and_then(|v| v.as_u64())
@@ -197,6 +212,8 @@ pub struct Record {
     pub secs: f64,
     pub recomputed_layers: usize,
     pub peak_activation_bytes: usize,
+    /// Seconds of `secs` spent fake-quantizing the adapted weights (QAT; 0 otherwise).
+    pub fake_quant_secs: f64,
     /// Validation loss, when this step ran one.
     pub val_loss: Option<f64>,
 }
@@ -213,6 +230,8 @@ pub struct Trainer<'m> {
     pub opts: TrainOptions,
     pub lora: Lora,
     grads: Lora,
+    /// The grids QAT rounds onto (the base's; learned under `lsq`); empty without QAT.
+    pub grids: Grids,
     opt: AdamW,
     /// Steps done.
     pub step: usize,
@@ -239,24 +258,40 @@ impl<'m> Trainer<'m> {
         if train.is_empty() {
             return Err(Error::Invalid("no training sequences".into()));
         }
-        if opts.qat != QatMode::None {
-            super::fake_quant::check_base(model, &opts.lora.targets)?;
-        }
+        let grids = match opts.qat {
+            QatMode::None => Grids::default(),
+            mode => Grids::of_base(model, &opts.lora.targets, mode)?,
+        };
         let lora = Lora::new(&model.config, opts.lora.clone(), opts.seed)?;
         let grads = Lora::zeros(&model.config, opts.lora.clone());
-        let sizes: Vec<usize> = lora.params().map(|p| p.len()).collect();
-        let opt = AdamW::new(&sizes, opts.weight_decay);
-        Ok(Trainer {
+        let mut t = Trainer {
             model,
             opts,
             lora,
             grads,
-            opt,
+            grids,
+            opt: AdamW::new(&[], 0.0),
             step: 0,
             history: Vec::new(),
             train,
             val,
-        })
+        };
+        let sizes: Vec<usize> = t.params().map(|p| p.len()).collect();
+        t.opt = AdamW::new(&sizes, t.opts.weight_decay);
+        Ok(t)
+    }
+
+    /// Whether the grids are trained (`lsq`).
+    fn learns_grids(&self) -> bool {
+        self.opts.qat == QatMode::Lsq
+    }
+
+    /// Every trained tensor in the optimizer's order: the adapters, then (`lsq`) the grids.
+    fn params(&self) -> impl Iterator<Item = &[f32]> {
+        let grids = self.learns_grids().then_some(&self.grids);
+        self.lora
+            .params()
+            .chain(grids.into_iter().flat_map(Grids::params))
     }
 
     /// Continues the run checkpointed in `dir` (an output directory holding `checkpoint/`, or a
@@ -299,6 +334,9 @@ impl<'m> Trainer<'m> {
                 dir.display()
             )));
         }
+        if let Some(state) = fake_quant::load_state(&dir)? {
+            state.apply(&mut t.grids)?;
+        }
         t.step = j["step"].as_u64().unwrap_or(0) as usize;
         t.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
         let opt_file = SafetensorsFile::open(dir.join(OPTIMIZER_FILE))?;
@@ -337,13 +375,6 @@ impl<'m> Trainer<'m> {
         format!("{}:{}:{h:016x}", self.train.len(), self.val.len())
     }
 
-    fn qat(&self) -> Option<FakeQuant> {
-        (self.opts.qat != QatMode::None).then_some(FakeQuant {
-            mode: self.opts.qat,
-            method: Method::default(),
-        })
-    }
-
     /// One optimizer update over `accum` sequences.
     pub fn train_step(&mut self) -> Result<Record> {
         let start = Instant::now();
@@ -353,7 +384,8 @@ impl<'m> Trainer<'m> {
             .map(|i| data::sample_index(o.seed, n, self.step * o.accum + i))
             .collect();
         let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
-        let fq = self.qat();
+        let fq = fake_quant_of(self.model, &self.lora, o.qat, &self.grids)?;
+        let fake_quant_secs = start.elapsed().as_secs_f64();
         self.grads.zero();
         let (mut loss, mut tokens, mut recomputed, mut peak) = (0.0, 0, 0, 0);
         for (micro, &i) in picks.iter().enumerate() {
@@ -381,12 +413,34 @@ impl<'m> Trainer<'m> {
                 self.step + 1
             )));
         }
-        let mut g: Vec<&mut Vec<f32>> = self.grads.params_mut().collect();
+        let mut grid_grads = match fq {
+            Some(fq) if self.opts.qat == QatMode::Lsq => fq.grid_grads(),
+            _ => Grids::default(),
+        };
+        let o = &self.opts;
+        let mut g: Vec<&mut Vec<f32>> = self
+            .grads
+            .params_mut()
+            .chain(grid_grads.params_mut())
+            .collect();
         let grad_norm = clip_grad_norm(&mut g, o.clip);
         let lr = o.schedule().lr(self.step);
-        let grads: Vec<&[f32]> = self.grads.params().collect();
-        let mut params: Vec<&mut Vec<f32>> = self.lora.params_mut().collect();
-        self.opt.step(&mut params, &grads, lr)?;
+        let n_lora = self.lora.params().count();
+        let (wd, lsq_lr) = (o.weight_decay, lr * o.lsq_lr / o.lr);
+        let grads: Vec<&[f32]> = self.grads.params().chain(grid_grads.params()).collect();
+        let grids = (o.qat == QatMode::Lsq).then_some(&mut self.grids);
+        let mut params: Vec<&mut Vec<f32>> = self
+            .lora
+            .params_mut()
+            .chain(grids.into_iter().flat_map(Grids::params_mut))
+            .collect();
+        self.opt.step_each(&mut params, &grads, &|i| {
+            if i < n_lora {
+                (lr, wd)
+            } else {
+                (lsq_lr, 0.0)
+            }
+        })?;
         self.step += 1;
         let rec = Record {
             step: self.step,
@@ -397,6 +451,7 @@ impl<'m> Trainer<'m> {
             secs: start.elapsed().as_secs_f64(),
             recomputed_layers: recomputed,
             peak_activation_bytes: peak,
+            fake_quant_secs,
             val_loss: None,
         };
         self.history.push(rec);
@@ -413,7 +468,7 @@ impl<'m> Trainer<'m> {
         if k == 0 {
             return Ok(None);
         }
-        let fq = self.qat();
+        let fq = fake_quant_of(self.model, &self.lora, self.opts.qat, &self.grids)?;
         let t = Trainable {
             model: self.model,
             lora: &self.lora,
@@ -463,8 +518,27 @@ impl<'m> Trainer<'m> {
                 self.save_checkpoint(out, base_name)?;
             }
         }
-        self.lora.save(out, base_name)?;
+        self.save_adapters(out, base_name)?;
         self.plot(&out.join("loss.png"))
+    }
+
+    /// The PEFT adapter files, and under QAT what `pare merge` needs to store what was trained
+    /// ([`fake_quant::save_state`]; `lsq`'s grids go into the adapter file).
+    fn save_adapters(&self, dir: &Path, base_name: &str) -> Result<()> {
+        let extra = match self.opts.qat {
+            QatMode::Lsq => fake_quant::grid_tensors(&self.grids),
+            _ => Vec::new(),
+        };
+        self.lora.save_with(dir, base_name, extra)?;
+        let state = dir.join(fake_quant::STATE_FILE);
+        match self.opts.qat {
+            QatMode::None if state.exists() => {
+                // A plain run must not inherit an earlier QAT run's state in the same directory.
+                std::fs::remove_file(&state).map_err(|e| Error::io(&state, e))
+            }
+            QatMode::None => Ok(()),
+            mode => fake_quant::save_state(dir, mode, &self.grids),
+        }
     }
 
     /// Writes `out/checkpoint/` whole: the files go to a fresh directory that then replaces the
@@ -476,7 +550,7 @@ impl<'m> Trainer<'m> {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        self.lora.save(&tmp, base_name)?;
+        self.save_adapters(&tmp, base_name)?;
         let mut tensors = Vec::new();
         for (i, (m, v)) in self.opt.m.iter().zip(&self.opt.v).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
@@ -569,6 +643,19 @@ fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// This step's fake quantizer under QAT: the adapted weights quantized once onto `grids`.
+fn fake_quant_of<'g>(
+    model: &Model,
+    lora: &Lora,
+    mode: QatMode,
+    grids: &'g Grids,
+) -> Result<Option<FakeQuant<'g>>> {
+    match mode {
+        QatMode::None => Ok(None),
+        mode => FakeQuant::new(model, lora, mode, grids).map(Some),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
@@ -586,6 +673,7 @@ fn record_to_json(r: &Record) -> serde_json::Value {
         "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens,
         "secs": r.secs, "recomputed_layers": r.recomputed_layers,
         "peak_activation_bytes": r.peak_activation_bytes, "val_loss": r.val_loss,
+        "fake_quant_secs": r.fake_quant_secs,
     })
 }
 
@@ -599,6 +687,7 @@ fn record_from_json(j: &serde_json::Value) -> Option<Record> {
         secs: j["secs"].as_f64()?,
         recomputed_layers: j["recomputed_layers"].as_u64()? as usize,
         peak_activation_bytes: j["peak_activation_bytes"].as_u64()? as usize,
+        fake_quant_secs: j["fake_quant_secs"].as_f64().unwrap_or(0.0),
         val_loss: j["val_loss"].as_f64(),
     })
 }
