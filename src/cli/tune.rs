@@ -190,7 +190,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .iter()
         .map(|r| (r.secs, r.tokens))
         .fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    let fq_secs: f64 = h.iter().map(|r| r.fake_quant_secs).sum();
+    // Where the step time went, per step: fake quantization (QAT) and recomputation (checkpointing).
+    let per_step = |f: fn(&pare::train::trainer::Record) -> f64, what: &str| {
+        let v = h.iter().map(f).sum::<f64>() / h.len().max(1) as f64;
+        if v > 0.0 {
+            format!(", {v:.2} s {what}")
+        } else {
+            String::new()
+        }
+    };
+    let parts = per_step(|r| r.fake_quant_secs, "fake-quantizing")
+        + &per_step(|r| r.recompute_secs, "recomputing");
     println!(
         "trained {} steps: final train loss {:.4}{}; {:.1} tok/s, {:.2} s/step{}; peak RSS \
          {peak:.1} MiB (activations at peak {:.1} MiB); adapters in {}",
@@ -202,13 +212,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .unwrap_or_default(),
         toks as f64 / secs.max(1e-9),
         secs / h.len().max(1) as f64,
-        if fq_secs > 0.0 {
-            format!(
-                " ({:.2} s/step fake-quantizing)",
-                fq_secs / h.len().max(1) as f64
-            )
-        } else {
-            String::new()
+        match parts.strip_prefix(", ") {
+            Some(p) => format!(" ({p})"),
+            None => String::new(),
         },
         h.iter().map(|r| r.peak_activation_bytes).max().unwrap_or(0) as f64 / (1 << 20) as f64,
         a.output.display()

@@ -4,7 +4,8 @@
 //! ⌈√L⌉ layers, so about 2√L layer-sized buffers are alive at once instead of L.
 //!
 //! The last segment's tapes are kept from the forward pass (the backward starts there), so it is
-//! never recomputed. Recomputation is exact ([`crate::model::dense`]), so every mode gives the same
+//! never recomputed; a recomputation skips the output projection of its segment's last layer,
+//! whose result (the next segment's input) is already kept. Recomputation is exact ([`crate::model::dense`]), so every mode gives the same
 //! gradients bit for bit.
 
 use std::ops::Range;
@@ -89,6 +90,8 @@ pub struct PassStats {
     pub recomputed_layers: usize,
     /// The most bytes of tapes and segment inputs alive at once.
     pub peak_activation_bytes: usize,
+    /// Seconds spent re-running segments' forward passes (the price of checkpointing).
+    pub recompute_secs: f64,
 }
 
 /// Loss and gradients for one sequence: `tokens` (n + 1 ids) predicts `tokens[1..]` with the
@@ -138,9 +141,11 @@ pub fn loss_and_grad(
             Some(tp) if mode == Checkpoint::None || i + 1 == segs.len() => tp,
             other => {
                 debug_assert!(other.is_none());
+                let start = std::time::Instant::now();
                 let mut xs = inputs[i].clone();
                 stats.recomputed_layers += seg.len();
-                let tp = t.forward_layers(seg.clone(), &mut xs, true)?;
+                let tp = t.recompute_layers(seg.clone(), &mut xs)?;
+                stats.recompute_secs += start.elapsed().as_secs_f64();
                 let bytes = tp.iter().map(LayerTape::bytes).sum::<usize>();
                 stats.peak_activation_bytes =
                     stats.peak_activation_bytes.max(bytes + input_bytes(i + 1));

@@ -214,6 +214,8 @@ pub struct Record {
     pub peak_activation_bytes: usize,
     /// Seconds of `secs` spent fake-quantizing the adapted weights (QAT; 0 otherwise).
     pub fake_quant_secs: f64,
+    /// Seconds of `secs` spent recomputing checkpointed segments.
+    pub recompute_secs: f64,
     /// Validation loss, when this step ran one.
     pub val_loss: Option<f64>,
 }
@@ -385,9 +387,13 @@ impl<'m> Trainer<'m> {
             .collect();
         let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
         let fq = fake_quant_of(self.model, &self.lora, o.qat, &self.grids)?;
-        let fake_quant_secs = start.elapsed().as_secs_f64();
+        let fake_quant_secs = match fq {
+            Some(_) => start.elapsed().as_secs_f64(),
+            None => 0.0,
+        };
         self.grads.zero();
         let (mut loss, mut tokens, mut recomputed, mut peak) = (0.0, 0, 0, 0);
+        let mut recompute_secs = 0.0;
         for (micro, &i) in picks.iter().enumerate() {
             let s = &self.train[i];
             let w: Vec<f32> = s
@@ -405,6 +411,7 @@ impl<'m> Trainer<'m> {
             loss += st.loss;
             tokens += s.tokens.len() - 1;
             recomputed += st.recomputed_layers;
+            recompute_secs += st.recompute_secs;
             peak = peak.max(st.peak_activation_bytes);
         }
         if !loss.is_finite() {
@@ -452,6 +459,7 @@ impl<'m> Trainer<'m> {
             recomputed_layers: recomputed,
             peak_activation_bytes: peak,
             fake_quant_secs,
+            recompute_secs,
             val_loss: None,
         };
         self.history.push(rec);
@@ -673,7 +681,7 @@ fn record_to_json(r: &Record) -> serde_json::Value {
         "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens,
         "secs": r.secs, "recomputed_layers": r.recomputed_layers,
         "peak_activation_bytes": r.peak_activation_bytes, "val_loss": r.val_loss,
-        "fake_quant_secs": r.fake_quant_secs,
+        "fake_quant_secs": r.fake_quant_secs, "recompute_secs": r.recompute_secs,
     })
 }
 
@@ -688,6 +696,7 @@ fn record_from_json(j: &serde_json::Value) -> Option<Record> {
         recomputed_layers: j["recomputed_layers"].as_u64()? as usize,
         peak_activation_bytes: j["peak_activation_bytes"].as_u64()? as usize,
         fake_quant_secs: j["fake_quant_secs"].as_f64().unwrap_or(0.0),
+        recompute_secs: j["recompute_secs"].as_f64().unwrap_or(0.0),
         val_loss: j["val_loss"].as_f64(),
     })
 }
