@@ -261,6 +261,9 @@ fn merged(w: &QMatrix, ad: &Adapter, s: f32, out: &mut Vec<f32>) -> Result<()> {
     Ok(())
 }
 
+/// What [`FakeQuant::per_group`] runs on a group: (format, values, d, m, group index).
+type GroupFn<'a> = dyn Fn(Pq, &mut [f32], f32, f32, usize) + Sync + 'a;
+
 /// One optimizer step's fake quantizer: the quantized effective weight of every adapted matrix,
 /// made once, and (for `lsq`) the gradients of the grids, accumulated by the backward passes.
 pub struct FakeQuant<'g> {
@@ -327,11 +330,7 @@ impl<'g> FakeQuant<'g> {
     /// Runs `f(p, values, d, m, group index)` on every group of every row of `v`, with the
     /// grid's f16-rounded `d` and `m` (as stored and used by the forward); rows spread over the
     /// worker threads.
-    fn per_group(
-        g: &GroupGrid,
-        v: &mut [f32],
-        f: &(dyn Fn(Pq, &mut [f32], f32, f32, usize) + Sync),
-    ) {
+    fn per_group(g: &GroupGrid, v: &mut [f32], f: &GroupFn<'_>) {
         let (cols, k, gs) = (g.cols, g.groups(), g.p.group as usize);
         let ptr = crate::parallel::DisjointMut::new(v);
         crate::parallel::for_each(g.rows, &|r| {
@@ -457,6 +456,7 @@ impl MergedWeight for FakeQuant<'_> {
                     unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(r * cols + j * gs), n) };
                 let (a, b) = lsq_group_backward(p, xg, d, m, gg);
                 let sc = lsq_grad_scale(p, n);
+                // SAFETY: as above; i < rows · groups, the length of gd and gm.
                 unsafe {
                     *gdp.ptr().add(i) = a * sc;
                     *gmp.ptr().add(i) = b * sc;
