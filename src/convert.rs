@@ -46,6 +46,12 @@ pub trait Source: Send + Sync {
     /// The tensor's stored bytes, when the source holds it in a ggml type (`stored`), to be copied
     /// unchanged.
     fn stored_bytes(&self, name: &str) -> Option<&[u8]>;
+    /// The tensor already quantized to `ty` by the source itself, when it has its own way to
+    /// (adapters merged onto the grid they were trained against); `None`: [`write`] quantizes
+    /// [`Source::read_f32`].
+    fn quantized(&self, _name: &str, _ty: GgmlType) -> Option<Result<Vec<u8>>> {
+        None
+    }
 }
 
 /// The source at `path`, as `pare::model::Model::load` reads it: a GGUF file (tensors copied or
@@ -490,6 +496,8 @@ pub fn write(
                 ))
             })?;
             w.write_tensor(name, bytes)?;
+        } else if let Some(q) = src.quantized(name, p.spec.ggml_type) {
+            w.write_tensor(name, &q?)?;
         } else {
             let x = src.read_f32(name)?;
             let row_len = p.spec.dims[0] as usize;

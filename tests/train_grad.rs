@@ -2,12 +2,14 @@
 //! (scripts/make_synthetic_model.py): its loss against the inference forward pass (with adapters
 //! applied through the inference hook), and its gradients against central finite differences —
 //! for adapter parameters in every layer and for the hidden state entering layer 0, so the
-//! gradient is checked through every op of every layer.
+//! gradient is checked through every op of every layer; and `--qat lsq`'s step-size and minimum
+//! gradients against finite differences of the forward they are the derivative of.
 
 mod common;
 
-use pare::model::backward::Trainable;
+use pare::model::backward::{MergedWeight, Trainable};
 use pare::model::{Logits, Lora, LoraConfig, Model, State, Target};
+use pare::train::fake_quant::{FakeQuant, Grids, QatMode};
 
 fn synthetic(arch: &str, ty: &str) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().unwrap();
@@ -276,4 +278,155 @@ fn peft_adapters_round_trip_and_use_hugging_face_row_order() {
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+}
+
+/// `--qat lsq`'s reference forward, written independently of the library from the definition it
+/// differentiates: each adapted weight `v = W + s·B·A` becomes `d·(clamp(u, 0, Q_p) + r) + m` with
+/// `u = (v − m)/d` on its group's grid (an asymmetric 3-bit format here) and the rounding residual
+/// `r = round(clamp(u₀)) − clamp(u₀)` held at its value at the grids `at` (PyTorch's
+/// `(round(x) − x).detach() + x`). At `at` itself it is the fake quantizer's forward.
+struct DetachedRounding<'a> {
+    grids: &'a Grids,
+    at: &'a Grids,
+}
+
+impl MergedWeight for DetachedRounding<'_> {
+    fn effective(
+        &self,
+        l: usize,
+        t: Target,
+        w: &pare::quant::matmul::QMatrix,
+        ad: &pare::model::lora::Adapter,
+        s: f32,
+        out: &mut Vec<f32>,
+    ) -> pare::Result<()> {
+        pare::model::dense::dequantize(w, out)?;
+        let mut delta = vec![0.0f32; out.len()];
+        ad.delta(s, &mut delta);
+        let (g, g0) = (self.grids.get(l, t).unwrap(), self.at.get(l, t).unwrap());
+        let qp = g.p.max_code() as f64;
+        let gs = g.p.group as usize;
+        let k = g.groups();
+        for (r, row) in out.chunks_mut(w.cols).enumerate() {
+            for (j, xg) in row.chunks_mut(gs).enumerate() {
+                let i = r * k + j;
+                let (d, m, d0, m0) = (g.d[i] as f64, g.m[i] as f64, g0.d[i] as f64, g0.m[i] as f64);
+                for (c, x) in xg.iter_mut().enumerate() {
+                    let v = *x as f64 + delta[r * w.cols + j * gs + c] as f64;
+                    let c0 = ((v - m0) / d0).clamp(0.0, qp);
+                    let res = c0.round() - c0;
+                    *x = (d * (((v - m) / d).clamp(0.0, qp) + res) + m) as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &self,
+        _: usize,
+        _: Target,
+        _: &pare::quant::matmul::QMatrix,
+        _: &pare::model::lora::Adapter,
+        _: f32,
+        _: &mut [f32],
+    ) -> pare::Result<()> {
+        unreachable!("the reference is only run forward")
+    }
+}
+
+#[test]
+fn lsq_step_size_gradients_match_finite_differences() {
+    // A tiny 3-bit model (q3_g32: a learned scale and minimum per group of 32).
+    let dir = tempfile::tempdir().unwrap();
+    let f32_path = common::synthetic_model(dir.path(), "llama", "f32", 3, 2);
+    let path = dir.path().join("q3_g32.gguf");
+    pare::convert::convert(
+        &pare::convert::GgufSource::open(&f32_path).unwrap(),
+        &path,
+        &pare::convert::ConvertOptions::new(pare::quant::format::parse("q3_g32").unwrap()),
+        |_| {},
+    )
+    .unwrap();
+    let mut model = Model::load(&path).unwrap();
+    model.exact_activations = true;
+    // Large adapters, so that some merged values leave their group's range (the clipped terms).
+    let mut lora = random_lora(&model, 2, 9);
+    for p in lora.params_mut() {
+        for v in p.iter_mut() {
+            *v *= 3.0;
+        }
+    }
+    let grids = Grids::of_base(&model, &Target::ALL, QatMode::Lsq).unwrap();
+    let toks = tokens(20);
+    let fq = FakeQuant::new(&model, &lora, QatMode::Lsq, &grids).unwrap();
+    let mut g = Lora::zeros(&model.config, lora.config.clone());
+    let trained = {
+        let t = Trainable {
+            model: &model,
+            lora: &lora,
+            merged: Some(&fq),
+            dropout_seed: None,
+        };
+        loss(&t, &toks, Some(&mut g))
+    };
+    let grid_grads = fq.grid_grads();
+    let at_grids = |gr: &Grids| {
+        let r = DetachedRounding {
+            grids: gr,
+            at: &grids,
+        };
+        let t = Trainable {
+            model: &model,
+            lora: &lora,
+            merged: Some(&r),
+            dropout_seed: None,
+        };
+        loss(&t, &toks, None)
+    };
+    // The reference at the expansion point is the fake quantizer's forward.
+    let reference = at_grids(&grids);
+    assert!(
+        (reference - trained).abs() < 1e-5 * trained,
+        "reference forward {reference} vs fake quantizer {trained}"
+    );
+    // LSQ's gradient scale for groups of 32 at 3 bits (Q_p = 7).
+    let scale = 1.0 / (32.0f64 * 7.0).sqrt();
+    let (mut an, mut nu) = (Vec::new(), Vec::new());
+    let mut clipped = 0;
+    for (l, t, group) in [
+        (0, Target::Q, 0),
+        (0, Target::Gate, 7),
+        (1, Target::V, 3),
+        (1, Target::Down, 9),
+        (1, Target::O, 12),
+        (0, Target::Up, 30),
+    ] {
+        for which in ["d", "m"] {
+            let gg = grid_grads.get(l, t).unwrap();
+            let a = if which == "d" {
+                gg.d[group]
+            } else {
+                gg.m[group]
+            };
+            an.push(a as f64 / scale);
+            clipped += (a != 0.0 && which == "m") as usize;
+            let base = grids.get(l, t).unwrap();
+            let eps = 1e-3 * base.d[group].abs();
+            let at = |delta: f32| {
+                let mut gr = grids.clone();
+                let gm = gr.layers[l][t as usize].as_mut().unwrap();
+                if which == "d" {
+                    gm.d[group] += delta
+                } else {
+                    gm.m[group] += delta
+                }
+                at_grids(&gr)
+            };
+            nu.push((at(eps) - at(-eps)) / (2.0 * eps as f64));
+        }
+    }
+    // Some minimum gradients are non-zero: values outside their group's range were met.
+    assert!(clipped > 0, "no clipped values: the test checks too little");
+    check("lsq step size and minimum gradients", &an, &nu);
 }

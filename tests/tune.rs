@@ -14,11 +14,22 @@ use pare::model::{Logits, Lora, LoraConfig, Model, State, Target};
 use pare::pipeline::schedule::{Schedule, Step};
 use pare::train::checkpointing::{loss_and_grad, Checkpoint};
 use pare::train::data::{self, Sample};
-use pare::train::fake_quant::{FakeQuant, QatMode};
+use pare::train::fake_quant::{FakeQuant, Grids, QatMode};
 use pare::train::trainer::{Stages, TrainOptions, Trainer};
 
 fn synthetic(dir: &std::path::Path, ty: &str, layers: usize) -> std::path::PathBuf {
     common::synthetic_model(dir, "llama", ty, 4, layers)
+}
+
+/// A synthetic model with its linear weights in a 3-bit asymmetric format (`q3_g32`: a scale and
+/// a minimum per group, both learned by `--qat lsq`).
+fn synthetic_3bit(dir: &std::path::Path, layers: usize) -> std::path::PathBuf {
+    let f32_path = synthetic(dir, "f32", layers);
+    let out = dir.join(format!("q3_g32-l{layers}.gguf"));
+    let src = pare::convert::GgufSource::open(&f32_path).unwrap();
+    let fmt = pare::quant::format::parse("q3_g32").unwrap();
+    pare::convert::convert(&src, &out, &pare::convert::ConvertOptions::new(fmt), |_| {}).unwrap();
+    out
 }
 
 fn load(path: &std::path::Path) -> Model {
@@ -78,10 +89,8 @@ fn checkpointing_modes_give_bit_identical_gradients() {
         Checkpoint::Sqrt,
     ] {
         for merged in [false, true] {
-            let fq = FakeQuant {
-                mode: QatMode::Ste,
-                method: Default::default(),
-            };
+            let grids = Grids::of_base(&model, &Target::ALL, QatMode::Lsq).unwrap();
+            let fq = FakeQuant::new(&model, &lora, QatMode::Lsq, &grids).unwrap();
             let t = Trainable {
                 model: &model,
                 lora: &lora,
@@ -124,10 +133,8 @@ fn merged_training_on_a_float_base_equals_unmerged_lora() {
     let lora = random_lora(&model, lora_cfg(&[Target::Q, Target::V, Target::Down]));
     let s = &text_samples(&model, 32)[1];
     let w = vec![1.0 / 32.0; 32];
-    let fq = FakeQuant {
-        mode: QatMode::Clipped,
-        method: Default::default(),
-    };
+    let grids = Grids::of_base(&model, &lora.config.targets, QatMode::Clipped).unwrap();
+    let fq = FakeQuant::new(&model, &lora, QatMode::Clipped, &grids).unwrap();
     let mut out = Vec::new();
     for merged in [None, Some(&fq as &dyn MergedWeight)] {
         let t = Trainable {
@@ -179,12 +186,21 @@ fn opts(qat: QatMode, steps: usize) -> TrainOptions {
 #[test]
 fn an_interrupted_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let model = load(&synthetic(dir.path(), "q8_0", 2));
+    let q8 = synthetic(dir.path(), "q8_0", 2);
+    resume_check(&dir.path().join("plain"), &q8, QatMode::None);
+    // lsq also carries the learned grids and their optimizer state across the interruption.
+    let q3 = synthetic_3bit(dir.path(), 2);
+    resume_check(&dir.path().join("lsq"), &q3, QatMode::Lsq);
+}
+
+fn resume_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode) {
+    std::fs::create_dir_all(dir).unwrap();
+    let model = load(base);
     let samples = text_samples(&model, 24);
     let (train, val) = data::split(samples, 0.2).unwrap();
     let never = AtomicBool::new(false);
-    let straight = dir.path().join("straight");
-    let mut a = Trainer::new(&model, opts(QatMode::None, 5), train.clone(), val.clone()).unwrap();
+    let straight = dir.join("straight");
+    let mut a = Trainer::new(&model, opts(mode, 5), train.clone(), val.clone()).unwrap();
     a.run(&straight, "synthetic", &never, |_| {}).unwrap();
     assert!(straight.join("loss.png").exists());
     assert!(straight.join("adapter_model.safetensors").exists());
@@ -193,9 +209,9 @@ fn an_interrupted_run_resumes_exactly() {
     assert!(last < first, "training lowers the loss: {first} -> {last}");
 
     // Interrupted after step 2 (as Ctrl-C does), then resumed with another checkpoint mode.
-    let cut = dir.path().join("cut");
+    let cut = dir.join("cut");
     let stop = AtomicBool::new(false);
-    let mut b = Trainer::new(&model, opts(QatMode::None, 5), train.clone(), val.clone()).unwrap();
+    let mut b = Trainer::new(&model, opts(mode, 5), train.clone(), val.clone()).unwrap();
     let r = b.run(&cut, "synthetic", &stop, |rec| {
         if rec.step == 2 {
             stop.store(true, std::sync::atomic::Ordering::Relaxed)
@@ -219,6 +235,7 @@ fn an_interrupted_run_resumes_exactly() {
         bits(&c.lora()) == bits(&a.lora()),
         "resumed adapters differ"
     );
+    assert_eq!(c.grids, a.grids, "resumed grids differ");
     let losses = |t: &Trainer| {
         t.history
             .iter()
@@ -240,20 +257,46 @@ fn an_interrupted_run_resumes_exactly() {
 #[test]
 fn qat_trains_what_the_merged_requantized_model_computes() {
     let dir = tempfile::tempdir().unwrap();
-    let base = synthetic(dir.path(), "q8_0", 2);
-    let model = load(&base);
+    let q8 = synthetic(dir.path(), "q8_0", 2);
+    let q3 = synthetic_3bit(dir.path(), 2);
+    for (base, mode) in [
+        (&q8, QatMode::Ste),
+        (&q3, QatMode::Clipped),
+        (&q3, QatMode::Lsq),
+        (&q8, QatMode::Lsq),
+    ] {
+        qat_merge_check(dir.path(), base, mode);
+    }
+}
+
+fn qat_merge_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode) {
+    let model = load(base);
     let samples = text_samples(&model, 24);
     let (train, val) = data::split(samples, 0.2).unwrap();
-    let out = dir.path().join("qat");
-    let mut t = Trainer::new(&model, opts(QatMode::Ste, 4), train, val.clone()).unwrap();
+    let out = dir.join(format!("qat-{}", mode.name()));
+    // A rate high enough that some adapted values cross a 3-bit rounding boundary in 4 steps.
+    let o = TrainOptions {
+        lr: 3e-2,
+        ..opts(mode, 4)
+    };
+    let mut t = Trainer::new(&model, o, train, val.clone()).unwrap();
+    let initial = t.grids.clone();
     t.run(&out, "synthetic", &AtomicBool::new(false), |_| {})
         .unwrap();
+    if mode == QatMode::Lsq {
+        assert_ne!(t.grids, initial, "lsq learned nothing");
+    } else {
+        assert_eq!(t.grids, initial, "{mode:?} changed the base's grid");
+    }
     let trained = t.evaluate().unwrap().unwrap();
-    let merged_path = dir.path().join("merged.gguf");
+    let merged_path = dir.join(format!("merged-{}.gguf", mode.name()));
     let lora = Lora::load(&out, &model.config).unwrap();
+    let qat = pare::train::fake_quant::load_state(&out).unwrap().unwrap();
+    assert_eq!(qat.mode, mode);
     pare::train::merge::merge(
-        &base,
+        base,
         &lora,
+        Some(&qat),
         &merged_path,
         None,
         Default::default(),
@@ -283,10 +326,10 @@ fn qat_trains_what_the_merged_requantized_model_computes() {
     let merged_loss = sum / count as f64;
     assert!(
         (merged_loss - trained).abs() < 1e-4 * trained,
-        "merged {merged_loss} vs trained {trained}"
+        "{mode:?}: merged {merged_loss} vs trained {trained}"
     );
     // The adapters did something: the merged file differs from the base.
-    let base_model = load(&base);
+    let base_model = load(base);
     let mut st = State::new(&base_model, 64).unwrap();
     let s = &val[0];
     base_model
@@ -296,7 +339,10 @@ fn qat_trains_what_the_merged_requantized_model_computes() {
     merged
         .forward(&mut st2, &s.tokens[..24], Logits::All)
         .unwrap();
-    assert_ne!(st.logits, st2.logits);
+    assert!(
+        st.logits != st2.logits,
+        "{mode:?}: the merge changed nothing"
+    );
 }
 
 #[test]
@@ -519,6 +565,9 @@ fn a_pipelined_step_equals_the_single_worker_step() {
     for (qat, checkpoint, dropout) in [
         (QatMode::None, Checkpoint::None, 0.1),
         (QatMode::Ste, Checkpoint::Every(1), 0.0),
+        // Learned grids: their gradients count in the global norm and are stepped after the
+        // stages' flush.
+        (QatMode::Lsq, Checkpoint::Sqrt, 0.0),
     ] {
         let o = TrainOptions {
             lora: LoraConfig {
@@ -568,6 +617,13 @@ fn a_pipelined_step_equals_the_single_worker_step() {
                 }
                 for (a, b) in one.lora().params().zip(p.lora().params()) {
                     assert!(rel_diff(a, b) <= 1e-4);
+                }
+                for (a, b) in one.grids.params().zip(p.grids.params()) {
+                    assert!(rel_diff(a, b) <= 1e-4, "{qat:?}: grids {}", rel_diff(a, b));
+                }
+                if qat == QatMode::Lsq {
+                    let fresh = Trainer::new(&model, o.clone(), train.clone(), val.clone());
+                    assert_ne!(fresh.unwrap().grids, p.grids, "the grids were learned");
                 }
             }
         }

@@ -40,11 +40,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let config = pare::model::Config::from_gguf(&gguf)?;
     drop(gguf);
     let lora = Lora::load(&a.lora, &config)?;
+    let qat = pare::train::fake_quant::load_state(&a.lora)?;
+    if let Some(q) = &qat {
+        eprintln!(
+            "{}: trained with --qat {}; merging onto the grid it was trained against",
+            a.lora.display(),
+            q.mode.name()
+        );
+    }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
     let pb = super::TensorBar::new();
     let report = pare::train::merge::merge(
         &a.model,
         &lora,
+        qat.as_ref(),
         &a.output,
         fmt,
         Method::default(),

@@ -22,10 +22,14 @@ pub struct Args {
     /// Output directory: the PEFT adapter, loss.png, and checkpoint/.
     #[arg(short = 'o', long = "output")]
     output: std::path::PathBuf,
-    /// Quantization-aware training: none (plain LoRA), ste or clipped (straight-through estimators
-    /// through the base format's quantizer).
+    /// Quantization-aware training: none (plain LoRA); ste or clipped (straight-through estimators
+    /// through rounding onto the base's own grid); lsq (also learns each group's scale and
+    /// minimum, saved with the adapters and used by pare merge).
     #[arg(long, default_value = "none")]
     qat: String,
+    /// Peak learning rate of lsq's step sizes and minimums (same schedule as --lr).
+    #[arg(long, default_value_t = 1e-4)]
+    lsq_lr: f32,
     /// Gradient checkpointing: none, every, every:N or sqrt.
     #[arg(long, default_value = "none")]
     checkpoint: String,
@@ -119,6 +123,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         clip: a.clip,
         checkpoint,
         qat: QatMode::parse(&a.qat)?,
+        lsq_lr: a.lsq_lr,
         seed: a.seed,
         eval_every: a.eval_every,
         eval_samples: a.eval_samples,
@@ -283,9 +288,20 @@ fn train_and_report(a: &Args, mut trainer: Trainer) -> anyhow::Result<()> {
         .iter()
         .map(|r| (r.secs, r.tokens))
         .fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    // Where the step time went, per step: fake quantization (QAT) and recomputation (checkpointing).
+    let per_step = |f: fn(&pare::train::trainer::Record) -> f64, what: &str| {
+        let v = h.iter().map(f).sum::<f64>() / h.len().max(1) as f64;
+        if v > 0.0 {
+            format!(", {v:.2} s {what}")
+        } else {
+            String::new()
+        }
+    };
+    let parts = per_step(|r| r.fake_quant_secs, "fake-quantizing")
+        + &per_step(|r| r.recompute_secs, "recomputing");
     println!(
-        "trained {} steps: final train loss {:.4}{}; {:.1} tok/s, {:.2} s/step; peak RSS {peak:.1} MiB \
-         (activations at peak {:.1} MiB); adapters in {}",
+        "trained {} steps: final train loss {:.4}{}; {:.1} tok/s, {:.2} s/step{}; peak RSS \
+         {peak:.1} MiB (activations at peak {:.1} MiB); adapters in {}",
         trainer.step,
         h.last().map_or(f64::NAN, |r| r.loss),
         h.last()
@@ -294,6 +310,10 @@ fn train_and_report(a: &Args, mut trainer: Trainer) -> anyhow::Result<()> {
             .unwrap_or_default(),
         toks as f64 / secs.max(1e-9),
         secs / h.len().max(1) as f64,
+        match parts.strip_prefix(", ") {
+            Some(p) => format!(" ({p})"),
+            None => String::new(),
+        },
         h.iter().map(|r| r.peak_activation_bytes).max().unwrap_or(0) as f64 / (1 << 20) as f64,
         a.output.display()
     );

@@ -45,6 +45,11 @@ pub trait MergedWeight: Sync {
         s: f32,
         g: &mut [f32],
     ) -> Result<()>;
+    /// Σ g² of the gradients of `f`'s own parameters in `layers`, accumulated so far: their share
+    /// of the global norm that clipping uses (zero where `f` learns nothing).
+    fn grad_sq(&self, _layers: Range<usize>) -> f64 {
+        0.0
+    }
 }
 
 /// A model with adapters, as the training pass sees it.
@@ -167,10 +172,24 @@ impl Trainable<'_> {
         let mut tapes = Vec::new();
         let mut work = Work::default();
         for l in layers {
-            let tape = self.layer_forward(l, x, &mut work)?;
+            let tape = self.layer_forward(l, x, true, &mut work)?;
             if keep {
                 tapes.push(tape);
             }
+        }
+        Ok(tapes)
+    }
+
+    /// The tapes of layers `layers` recomputed from their input `x` for the backward pass
+    /// (gradient checkpointing): [`Self::forward_layers`] keeping them, except that the last
+    /// layer's output projection (`down`), which no tape holds and whose result the caller
+    /// already has, is skipped; `x` is left holding a partial sum, not the segments' output.
+    pub fn recompute_layers(&self, layers: Range<usize>, x: &mut [f32]) -> Result<Vec<LayerTape>> {
+        let mut tapes = Vec::with_capacity(layers.len());
+        let mut work = Work::default();
+        let last = layers.end.saturating_sub(1);
+        for l in layers {
+            tapes.push(self.layer_forward(l, x, l != last, &mut work)?);
         }
         Ok(tapes)
     }
@@ -224,7 +243,15 @@ impl Trainable<'_> {
         (cos, sin)
     }
 
-    fn layer_forward(&self, l: usize, x: &mut [f32], work: &mut Work) -> Result<LayerTape> {
+    /// One layer on `x` in place, returning its tape; `output: false` stops before the output
+    /// projection (everything the tape holds is computed, `x` is not finished).
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        output: bool,
+        work: &mut Work,
+    ) -> Result<LayerTape> {
         let c = self.config();
         let lw = &self.model.weights.layers[l];
         let (d, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
@@ -266,9 +293,11 @@ impl Trainable<'_> {
         self.linear(l, Target::Up, &lw.up, &xn2, &mut up, work)?;
         let mut h = gate.clone();
         ops::swiglu(&mut h, &up);
-        self.linear(l, Target::Down, &lw.down, &h, &mut o, work)?;
-        for (a, b) in x.iter_mut().zip(&o) {
-            *a += b;
+        if output {
+            self.linear(l, Target::Down, &lw.down, &h, &mut o, work)?;
+            for (a, b) in x.iter_mut().zip(&o) {
+                *a += b;
+            }
         }
         Ok(LayerTape {
             x: x_in,

@@ -331,16 +331,30 @@ impl Lora {
         self.adjacent_rows && t.rope_rows()
     }
 
+    /// The PEFT key prefix of the module `(layer, t)`, e.g.
+    /// `base_model.model.model.layers.3.self_attn.q_proj`.
+    pub fn module_key(layer: usize, t: Target) -> String {
+        format!("base_model.model.model.layers.{layer}.{}", t.hf_path())
+    }
+
     fn key(layer: usize, t: Target, ab: &str) -> String {
-        format!(
-            "base_model.model.model.layers.{layer}.{}.lora_{ab}.weight",
-            t.hf_path()
-        )
+        format!("{}.lora_{ab}.weight", Self::module_key(layer, t))
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
     /// needed), each file whole or not at all. `base` names the base model in the config.
     pub fn save(&self, dir: &Path, base: &str) -> Result<()> {
+        self.save_with(dir, base, Vec::new())
+    }
+
+    /// [`Lora::save`], with `extra` tensors stored in the adapter file beside the adapters (keys
+    /// without `lora_`, which PEFT does not load and [`Lora::load`] skips).
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        base: &str,
+        extra: Vec<(String, LazyTensor)>,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -367,6 +381,7 @@ impl Lora {
                 ));
             }
         }
+        tensors.extend(extra);
         let weights = dir.join(WEIGHTS_FILE);
         let tmp = crate::atomic_file::temp_path(&weights)?;
         let guard = crate::atomic_file::RemoveOnDrop(Some(tmp.clone()));
@@ -457,10 +472,12 @@ impl Lora {
                 found += 2;
             }
         }
-        let extra = file.tensors.len().saturating_sub(found);
+        // Other keys (learned quantization grids, `crate::train::fake_quant`) are not adapters.
+        let adapters = file.tensors.iter().filter(|(k, _)| k.contains(".lora_"));
+        let extra = adapters.count().saturating_sub(found);
         if extra > 0 {
             return Err(Error::Invalid(format!(
-                "{}: {extra} tensors do not belong to this model's layers/targets",
+                "{}: {extra} adapter tensors do not belong to this model's layers/targets",
                 file.path.display()
             )));
         }

@@ -83,7 +83,8 @@ pub struct StepJob<'a> {
 pub struct StageReport {
     /// The step's loss (summed over micro-batches on the last stage; every stage learns it).
     pub loss: f64,
-    /// The global gradient norm before clipping.
+    /// The global gradient norm before clipping (of the adapters' gradients and those of
+    /// [`StepJob::merged`]'s own parameters).
     pub grad_norm: f32,
     /// Each forward and backward this stage ran, timed from the step's start (seconds).
     pub ops: Vec<Slot>,
@@ -92,6 +93,8 @@ pub struct StageReport {
     /// The most bytes of activations (stashed inputs and tapes) it held at once.
     pub peak_activation_bytes: usize,
     pub recomputed_layers: usize,
+    /// Seconds spent re-running checkpointed segments.
+    pub recompute_secs: f64,
 }
 
 /// Runs stage `t.stage()`'s part of one training step on `part`, then steps its optimizer.
@@ -206,9 +209,10 @@ pub fn stage_step(
                     )));
                 }
                 held -= stash.bytes;
-                let (recomputed, peak) = stash.backward(&tr, &mut dx, &mut part.grads)?;
-                rep.recomputed_layers += recomputed;
-                rep.peak_activation_bytes = rep.peak_activation_bytes.max(held + peak);
+                let back = stash.backward(&tr, &mut dx, &mut part.grads)?;
+                rep.recomputed_layers += back.recomputed_layers;
+                rep.recompute_secs += back.recompute_secs;
+                rep.peak_activation_bytes = rep.peak_activation_bytes.max(held + back.peak_bytes);
                 rep.ops.push(Slot {
                     stage: me,
                     step,
@@ -223,7 +227,10 @@ pub fn stage_step(
     }
     // After the flush: the global norm from every stage's share, then each stage's own update.
     let mut g: Vec<&mut Vec<f32>> = part.grads.params_mut().collect();
-    let totals = sum_over_stages(t, vec![sum_of_squares(&g), rep.loss])?;
+    // The transform's learned parameters (LSQ's grids) count towards the global norm; the caller
+    // scales and steps them (see `StageReport::grad_norm`).
+    let own_sq = sum_of_squares(&g) + job.merged.map_or(0.0, |m| m.grad_sq(part.layers.clone()));
+    let totals = sum_over_stages(t, vec![own_sq, rep.loss])?;
     rep.loss = totals[1];
     rep.grad_norm = totals[0].sqrt() as f32;
     scale_to_norm(&mut g, rep.grad_norm, job.clip);

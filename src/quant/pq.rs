@@ -209,6 +209,21 @@ impl Pq {
         }
     }
 
+    /// The code the quantizer stores for `v` in a group with scale `d` (given as `inv_d = 1/d`, 0
+    /// when `d` is 0) and minimum `m`: the nearest one, clamped to the format's range. (One-bit
+    /// codes are the sign.)
+    #[inline]
+    pub fn code(self, v: f32, inv_d: f32, m: f32) -> u8 {
+        if !self.sym {
+            ((v - m) * inv_d).round().clamp(0.0, self.max_code() as f32) as u8
+        } else if self.bits == 1 {
+            (v >= 0.0) as u8
+        } else {
+            let half = (1u32 << (self.bits - 1)) as f32;
+            ((v * inv_d).round().clamp(-half, half - 1.0) + half) as u8
+        }
+    }
+
     /// Unpacks one chunk of `self.chunk_bytes()` bytes into 32 codes.
     pub fn unpack_chunk(self, src: &[u8], codes: &mut [u8; CHUNK]) {
         let planes = |src: &[u8], codes: &mut [u8; CHUNK]| match self.bits {

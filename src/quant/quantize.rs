@@ -126,7 +126,6 @@ pub fn quantize_rows(
 
 fn quantize_pq_row(p: Pq, x: &[f32], opts: &Options, out: &mut [u8]) {
     let g = p.group as usize;
-    let (hb, cb) = (p.header_bytes(), p.chunk_bytes());
     let mut off = 0;
     let mut codes = vec![0u8; g];
     let mut w = vec![0f32; g];
@@ -145,18 +144,46 @@ fn quantize_pq_row(p: Pq, x: &[f32], opts: &Options, out: &mut [u8]) {
             None => wg.fill(1.0),
         }
         let (d, m) = quantize_group(p, xg, wg, opts.method, &mut codes[..n]);
-        let hdr = &mut out[off..off + hb];
-        hdr[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        if !p.sym {
-            hdr[2..4].copy_from_slice(&f16::from_f32(m).to_le_bytes());
+        off += store_group(p, d, m, &codes[..n], &mut out[off..]);
+    }
+    debug_assert_eq!(off, out.len());
+}
+
+/// Writes one group (header, then its codes packed in chunks) at the start of `out`; returns the
+/// bytes written.
+fn store_group(p: Pq, d: f32, m: f32, codes: &[u8], out: &mut [u8]) -> usize {
+    let (hb, cb) = (p.header_bytes(), p.chunk_bytes());
+    let hdr = &mut out[..hb];
+    hdr[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    if !p.sym {
+        hdr[2..4].copy_from_slice(&f16::from_f32(m).to_le_bytes());
+    }
+    let mut off = hb;
+    for ch in codes.chunks(CHUNK) {
+        let mut c = [0u8; CHUNK];
+        c[..ch.len()].copy_from_slice(ch);
+        p.pack_chunk(&c, &mut out[off..off + cb]);
+        off += cb;
+    }
+    off
+}
+
+/// Quantizes one row `x` of format `p` onto a given grid: group `i` gets scale `d[i]` and minimum
+/// `m[i]` (rounded to f16 as stored) and the codes nearest to its values for them. This is how
+/// adapters trained against a grid ([`crate::train::fake_quant`]) are merged: the grid is kept,
+/// not searched anew.
+pub fn quantize_pq_row_on_grid(p: Pq, x: &[f32], d: &[f32], m: &[f32], out: &mut [u8]) {
+    let g = p.group as usize;
+    let mut codes = vec![0u8; g];
+    let mut off = 0;
+    for (i, xg) in x.chunks(g).enumerate() {
+        let (d, m) = (f16_round(d[i]), if p.sym { 0.0 } else { f16_round(m[i]) });
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let cg = &mut codes[..xg.len()];
+        for (c, &v) in cg.iter_mut().zip(xg) {
+            *c = p.code(v, id, m);
         }
-        off += hb;
-        for ch in codes[..n].chunks(CHUNK) {
-            let mut c = [0u8; CHUNK];
-            c[..ch.len()].copy_from_slice(ch);
-            p.pack_chunk(&c, &mut out[off..off + cb]);
-            off += cb;
-        }
+        off += store_group(p, d, m, cg, &mut out[off..]);
     }
     debug_assert_eq!(off, out.len());
 }
@@ -213,7 +240,7 @@ pub fn quantize_group(p: Pq, x: &[f32], w: &[f32], method: Method, codes: &mut [
         let (d, m) = (f16_round(d), f16_round(m));
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         for (c, &v) in codes.iter_mut().zip(x) {
-            *c = ((v - m) * id).round().clamp(0.0, nmax) as u8;
+            *c = p.code(v, id, m);
         }
         return (d, m);
     }
@@ -261,7 +288,7 @@ pub fn quantize_group(p: Pq, x: &[f32], w: &[f32], method: Method, codes: &mut [
     let d = f16_round(d);
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (c, &v) in codes.iter_mut().zip(x) {
-        *c = ((v * id).round().clamp(qmin, qmax) + half) as u8;
+        *c = p.code(v, id, 0.0);
     }
     (d, 0.0)
 }

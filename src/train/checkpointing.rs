@@ -4,7 +4,8 @@
 //! ⌈√L⌉ layers, so about 2√L layer-sized buffers are alive at once instead of L.
 //!
 //! The last segment's tapes are kept from the forward pass (the backward starts there), so it is
-//! never recomputed. Recomputation is exact ([`crate::model::dense`]), so every mode gives the same
+//! never recomputed; a recomputation skips the output projection of its segment's last layer,
+//! whose result (the next segment's input) is already kept. Recomputation is exact ([`crate::model::dense`]), so every mode gives the same
 //! gradients bit for bit.
 
 use std::ops::Range;
@@ -89,6 +90,8 @@ pub struct PassStats {
     pub recomputed_layers: usize,
     /// The most bytes of tapes and segment inputs alive at once.
     pub peak_activation_bytes: usize,
+    /// Seconds spent re-running segments' forward passes (the price of checkpointing).
+    pub recompute_secs: f64,
 }
 
 /// What the forward pass of one sequence through a range of layers leaves for its backward
@@ -140,16 +143,14 @@ impl Stash {
     }
 
     /// Back through the stashed layers: `dx` holds the gradient at their output and leaves
-    /// holding it at their input; adapter gradients are added to `grads`. Returns the layers
-    /// recomputed and the most bytes alive at once while doing so (this stash's inputs and one
-    /// recomputed segment's tapes).
+    /// holding it at their input; adapter gradients are added to `grads`.
     pub fn backward(
         mut self,
         t: &Trainable,
         dx: &mut [f32],
         grads: &mut Lora,
-    ) -> Result<(usize, usize)> {
-        let (mut recomputed, mut peak) = (0, 0);
+    ) -> Result<StashBackward> {
+        let mut out = StashBackward::default();
         let x_bytes = 4 * dx.len();
         let n = self.segs.len();
         for (i, seg) in self.segs.iter().enumerate().rev() {
@@ -157,11 +158,13 @@ impl Stash {
                 Some(tp) if self.mode == Checkpoint::None || i + 1 == n => tp,
                 other => {
                     debug_assert!(other.is_none());
+                    let start = std::time::Instant::now();
                     let mut xs = self.inputs[i].clone();
-                    recomputed += seg.len();
-                    let tp = t.forward_layers(seg.clone(), &mut xs, true)?;
+                    out.recomputed_layers += seg.len();
+                    let tp = t.recompute_layers(seg.clone(), &mut xs)?;
+                    out.recompute_secs += start.elapsed().as_secs_f64();
                     let bytes = tp.iter().map(LayerTape::bytes).sum::<usize>();
-                    peak = peak.max(bytes + (i + 1) * x_bytes);
+                    out.peak_bytes = out.peak_bytes.max(bytes + (i + 1) * x_bytes);
                     tp
                 }
             };
@@ -169,8 +172,20 @@ impl Stash {
             drop(tapes);
             self.inputs.truncate(i);
         }
-        Ok((recomputed, peak))
+        Ok(out)
     }
+}
+
+/// What one [`Stash::backward`] cost.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct StashBackward {
+    /// Layers whose forward pass was re-run.
+    pub recomputed_layers: usize,
+    /// The most bytes alive at once while recomputing (the stash's inputs and one segment's
+    /// tapes).
+    pub peak_bytes: usize,
+    /// Seconds spent recomputing.
+    pub recompute_secs: f64,
 }
 
 /// Loss and gradients for one sequence: `tokens` (n + 1 ids) predicts `tokens[1..]` with the
@@ -197,9 +212,10 @@ pub fn loss_and_grad(
     let mut dx = vec![0.0f32; x.len()];
     stats.loss = t.head_loss(&x, &tokens[1..], weight, Some(&mut dx))?;
     drop(x);
-    let (recomputed, peak) = stash.backward(t, &mut dx, grads)?;
-    stats.recomputed_layers = recomputed;
-    stats.peak_activation_bytes = stats.peak_activation_bytes.max(peak);
+    let back = stash.backward(t, &mut dx, grads)?;
+    stats.recomputed_layers = back.recomputed_layers;
+    stats.recompute_secs = back.recompute_secs;
+    stats.peak_activation_bytes = stats.peak_activation_bytes.max(back.peak_bytes);
     Ok(stats)
 }
 

@@ -62,8 +62,25 @@ pub fn estimate(model: &Model, opts: &TrainOptions) -> Estimate {
         .map(|m| m.rows * m.cols)
         .max()
         .unwrap_or(0);
-    // The dequantized weight of one product; under QAT also its gradient and the merge delta.
-    let work_mats = if opts.qat == QatMode::None { 1 } else { 3 };
+    // The dequantized weight of one product; under QAT also its gradient, the merged weight
+    // and the adapter's delta (the backward of clipped and lsq).
+    let work_mats = if opts.qat == QatMode::None { 1 } else { 4 };
+    // Under QAT each adapted matrix is also held fake-quantized for the step, in its own format;
+    // lsq learns a scale (and minimum) per group: value, gradient (twice: the step's and the
+    // accumulated) and AdamW's two moments.
+    let (mut qat_cache, mut grid_values) = (0, 0);
+    if opts.qat != QatMode::None {
+        for lw in &w.layers {
+            for &t in &opts.lora.targets {
+                let m = super::fake_quant::matrix(lw, t);
+                qat_cache += m.n_bytes();
+                if let (QatMode::Lsq, Some(p)) = (opts.qat, crate::quant::pq::Pq::of_ggml(m.ty)) {
+                    grid_values +=
+                        m.rows * m.cols.div_ceil(p.group as usize) * (2 - p.sym as usize);
+                }
+            }
+        }
+    }
     // Per-layer gradient buffers of the backward (dx, dxn, dgate, dup, dh, dq, dk, dv, datt).
     let grads_live = 4 * n * (3 * c.n_embd + 3 * c.n_ff + 2 * c.q_dim() + 2 * c.kv_dim());
     let work = 4 * largest * work_mats + grads_live;
@@ -80,11 +97,11 @@ pub fn estimate(model: &Model, opts: &TrainOptions) -> Estimate {
         .sum::<usize>()
         * c.n_layer;
     Estimate {
-        weights,
+        weights: weights + qat_cache,
         activations: opts.checkpoint.activation_bytes(c, n),
         head,
         work,
-        adapters: 4 * 4 * lora_params,
+        adapters: 4 * 4 * lora_params + 5 * 4 * grid_values,
         runtime: RUNTIME_BYTES,
     }
 }

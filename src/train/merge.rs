@@ -2,9 +2,10 @@
 //! adapted matrix to the base's own format for that tensor (or every linear weight to one chosen
 //! format), writing a new GGUF. Tensors without an adapter are copied byte for byte.
 //!
-//! Under quantization-aware training the adapters were trained against exactly this re-quantization
-//! (same quantizer and method, [`crate::train::fake_quant`]), so the merged file computes what the
-//! training's forward pass computed.
+//! Adapters trained with quantization-aware training ([`crate::train::fake_quant`]) were trained
+//! against `W + s·B·A` rounded onto a fixed grid: the base's own scales and minimums (`ste`,
+//! `clipped`) or learned ones (`lsq`). Their merge rounds onto that same grid instead of searching
+//! a new one, so the merged file computes exactly what the training's forward pass computed.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -16,8 +17,10 @@ use crate::error::{Error, Result};
 use crate::format::gguf::Value;
 use crate::format::gguf_writer::TensorSpec;
 use crate::model::lora::{Lora, Target};
+use crate::quant::pq::Pq;
 use crate::quant::quantize::{can_quantize, Method};
 use crate::quant::{format, GgmlType};
+use crate::train::fake_quant::{GroupGrid, QatState};
 
 /// llama.cpp's tensor name of an adapter target.
 fn gguf_name(layer: usize, t: Target) -> String {
@@ -37,16 +40,48 @@ fn gguf_name(layer: usize, t: Target) -> String {
 pub struct MergedSource<'a> {
     base: GgufSource,
     lora: &'a Lora,
+    /// How the adapters were trained: `Some` for QAT (merge onto the trained grid).
+    qat: Option<&'a QatState>,
 }
 
 impl MergedSource<'_> {
-    fn adapter_of(&self, name: &str) -> Option<&crate::model::lora::Adapter> {
+    /// The layer and target of an adapted tensor.
+    fn target_of(&self, name: &str) -> Option<(usize, Target)> {
         (0..self.lora.layers.len()).find_map(|l| {
             Target::ALL
                 .into_iter()
-                .find(|&t| gguf_name(l, t) == name)
-                .and_then(|t| self.lora.adapter(l, t))
+                .find(|&t| gguf_name(l, t) == name && self.lora.adapter(l, t).is_some())
+                .map(|t| (l, t))
         })
+    }
+
+    fn adapter_of(&self, name: &str) -> Option<&crate::model::lora::Adapter> {
+        self.target_of(name)
+            .and_then(|(l, t)| self.lora.adapter(l, t))
+    }
+
+    /// The grid a QAT adapter of tensor `name` was trained against, when its output type `ty` is
+    /// the base's own format (a chosen `--format` re-quantizes as usual).
+    fn grid_of(&self, name: &str, ty: GgmlType) -> Result<Option<GroupGrid>> {
+        let (Some(qat), Some((l, t))) = (self.qat, self.target_of(name)) else {
+            return Ok(None);
+        };
+        let Some(st) = self.base.tensors().iter().find(|s| s.name == name) else {
+            return Ok(None);
+        };
+        let (Some(stored), Some(bytes)) = (st.stored, self.base.stored_bytes(name)) else {
+            return Ok(None);
+        };
+        let (Some(p), Some(out)) = (Pq::of_ggml(stored), Pq::of_ggml(ty)) else {
+            return Ok(None);
+        };
+        if p != out {
+            return Ok(None);
+        }
+        let cols = st.dims.first().copied().unwrap_or(1) as usize;
+        let rows = st.dims.iter().skip(1).product::<u64>() as usize;
+        let base = GroupGrid::from_bytes(p, rows, cols, bytes)?;
+        qat.grid(l, t, &base).map(Some)
     }
 }
 
@@ -89,14 +124,26 @@ impl Source for MergedSource<'_> {
             None => self.base.stored_bytes(name),
         }
     }
+
+    fn quantized(&self, name: &str, ty: GgmlType) -> Option<Result<Vec<u8>>> {
+        match self.grid_of(name, ty) {
+            Ok(Some(g)) => Some(self.read_f32(name).map(|v| g.quantize(&v))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
 }
 
 /// Merges `lora` into the GGUF at `base` and writes `out`. `format`: `None` re-quantizes each
 /// adapted matrix to its own stored format and copies the rest; `Some(f)` converts every linear
-/// weight (and the embeddings) to `f`, as `pare convert` does.
+/// weight (and the embeddings) to `f`, as `pare convert` does. `qat`: how the adapters were
+/// trained ([`crate::train::fake_quant::load_state`]); QAT adapters are rounded onto the grid
+/// they were trained against wherever the output keeps the base's format.
+#[allow(clippy::too_many_arguments)]
 pub fn merge(
     base: &Path,
     lora: &Lora,
+    qat: Option<&QatState>,
     out: &Path,
     format: Option<GgmlType>,
     method: Method,
@@ -112,6 +159,7 @@ pub fn merge(
     let src = MergedSource {
         base: GgufSource::open(base)?,
         lora,
+        qat,
     };
     // Every adapter must land on a tensor of the base.
     for (l, layer) in lora.layers.iter().enumerate() {

@@ -33,6 +33,18 @@ impl AdamW {
     /// One update of every tensor `params[i]` by its gradient `grads[i]` at learning rate `lr`;
     /// weight decay is decoupled (applied to the parameter, not the gradient).
     pub fn step(&mut self, params: &mut [&mut Vec<f32>], grads: &[&[f32]], lr: f32) -> Result<()> {
+        let wd = self.weight_decay;
+        self.step_each(params, grads, &|_| (lr, wd))
+    }
+
+    /// [`AdamW::step`] with a learning rate and weight decay per tensor: `rate(i)` gives them for
+    /// tensor `i` (learned quantization scales take their own rate and no decay).
+    pub fn step_each(
+        &mut self,
+        params: &mut [&mut Vec<f32>],
+        grads: &[&[f32]],
+        rate: &dyn Fn(usize) -> (f32, f32),
+    ) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
             return Err(Error::Invalid(format!(
                 "optimizer holds {} tensors, given {} parameters and {} gradients",
@@ -44,12 +56,14 @@ impl AdamW {
         self.t += 1;
         let bc1 = 1.0 - (self.beta1 as f64).powi(self.t as i32);
         let bc2 = 1.0 - (self.beta2 as f64).powi(self.t as i32);
-        for (((p, g), m), v) in params
+        for (k, (((p, g), m), v)) in params
             .iter_mut()
             .zip(grads)
             .zip(&mut self.m)
             .zip(&mut self.v)
+            .enumerate()
         {
+            let (lr, wd) = rate(k);
             if p.len() != g.len() || p.len() != m.len() {
                 return Err(Error::Invalid(format!(
                     "parameter of {} values, gradient of {}, moments of {}",
@@ -63,8 +77,7 @@ impl AdamW {
                 v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
                 let mh = m[i] as f64 / bc1;
                 let vh = v[i] as f64 / bc2;
-                let upd =
-                    mh / (vh.sqrt() + self.eps as f64) + self.weight_decay as f64 * p[i] as f64;
+                let upd = mh / (vh.sqrt() + self.eps as f64) + wd as f64 * p[i] as f64;
                 p[i] -= (lr as f64 * upd) as f32;
             }
         }

@@ -14,8 +14,8 @@ use serde_json::json;
 
 use super::checkpointing::Checkpoint;
 use super::data::{self, Sample};
-use super::fake_quant::{FakeQuant, QatMode};
-use super::optimizer::Schedule;
+use super::fake_quant::{self, FakeQuant, Grids, QatMode};
+use super::optimizer::{scale_to_norm, AdamW, Schedule};
 use crate::error::{Error, Result};
 use crate::format::safetensors::{self as st, Dtype, LazyTensor, SafetensorsFile};
 use crate::model::backward::{MergedWeight, Trainable};
@@ -23,7 +23,6 @@ use crate::model::{Lora, LoraConfig, Model, Target};
 use crate::pipeline::schedule::{self as pipe_schedule, Slot};
 use crate::pipeline::train::{self as pipe, MicroBatch, StageReport, StageState, StepJob};
 use crate::pipeline::transport::{Message, Transport};
-use crate::quant::quantize::Method;
 
 /// Everything that shapes a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +43,9 @@ pub struct TrainOptions {
     pub clip: f32,
     pub checkpoint: Checkpoint,
     pub qat: QatMode,
+    /// Peak learning rate of the learned step sizes and offsets (`--qat lsq`), on the same
+    /// schedule as `lr`; no weight decay.
+    pub lsq_lr: f32,
     pub seed: u64,
     /// Validation every this many steps (0: only at the end).
     pub eval_every: usize,
@@ -67,6 +69,7 @@ impl Default for TrainOptions {
             clip: 1.0,
             checkpoint: Checkpoint::None,
             qat: QatMode::None,
+            lsq_lr: 1e-4,
             seed: 42,
             eval_every: 0,
             eval_samples: 0,
@@ -87,6 +90,12 @@ impl TrainOptions {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("learning rate {} must be positive", self.lr));
+        }
+        if !(self.lsq_lr.is_finite() && self.lsq_lr >= 0.0) {
+            return bad(format!(
+                "step-size learning rate {} must not be negative",
+                self.lsq_lr
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad(format!(
@@ -120,7 +129,8 @@ impl TrainOptions {
             "steps": self.steps, "seq_len": self.seq_len, "accum": self.accum, "lr": self.lr,
             "warmup": self.warmup, "min_lr_ratio": self.min_lr_ratio,
             "weight_decay": self.weight_decay, "clip": self.clip,
-            "checkpoint": self.checkpoint.name(), "qat": self.qat.name(), "seed": self.seed,
+            "checkpoint": self.checkpoint.name(), "qat": self.qat.name(), "lsq_lr": self.lsq_lr,
+            "seed": self.seed,
             "eval_every": self.eval_every, "eval_samples": self.eval_samples,
             "save_every": self.save_every,
         })
@@ -174,6 +184,11 @@ impl TrainOptions {
             clip: f("clip")?,
             checkpoint: Checkpoint::parse(s("checkpoint")?)?,
             qat: QatMode::parse(s("qat")?)?,
+            // Absent from checkpoints written before `--qat lsq` existed.
+            lsq_lr: j
+                .get("lsq_lr")
+                .and_then(|v| v.as_f64())
+                .map_or(TrainOptions::default().lsq_lr, |v| v as f32),
             seed: j
                 .get("seed")
                 .and_then(|v| v.as_u64())
@@ -200,6 +215,10 @@ pub struct Record {
     pub secs: f64,
     pub recomputed_layers: usize,
     pub peak_activation_bytes: usize,
+    /// Seconds of `secs` spent fake-quantizing the adapted weights (QAT; 0 otherwise).
+    pub fake_quant_secs: f64,
+    /// Seconds of `secs` spent recomputing checkpointed segments.
+    pub recompute_secs: f64,
     /// Validation loss, when this step ran one.
     pub val_loss: Option<f64>,
 }
@@ -232,6 +251,10 @@ pub struct Trainer<'m> {
     pub last_step: Vec<StageReport>,
     /// Under MPI: this rank's transport, `parts` then holding its own stage's share only.
     rank: Option<&'m mut dyn Transport>,
+    /// The grids QAT rounds onto (the base's; learned under `lsq`); empty without QAT.
+    pub grids: Grids,
+    /// Moments of the learned grids (`lsq`; empty otherwise), stepped at `--lsq-lr`.
+    grid_opt: AdamW,
     /// Steps done.
     pub step: usize,
     pub history: Vec<Record>,
@@ -257,9 +280,10 @@ impl<'m> Trainer<'m> {
         if train.is_empty() {
             return Err(Error::Invalid("no training sequences".into()));
         }
-        if opts.qat != QatMode::None {
-            super::fake_quant::check_base(model, &opts.lora.targets)?;
-        }
+        let grids = match opts.qat {
+            QatMode::None => Grids::default(),
+            mode => Grids::of_base(model, &opts.lora.targets, mode)?,
+        };
         let lora = Lora::new(&model.config, opts.lora.clone(), opts.seed)?;
         let stages = Stages {
             layers: std::iter::once(0..model.config.n_layer).collect(),
@@ -272,6 +296,10 @@ impl<'m> Trainer<'m> {
             0..model.config.n_layer,
             opts.weight_decay,
         )];
+        let grid_sizes: Vec<usize> = match opts.qat {
+            QatMode::Lsq => grids.params().map(|p| p.len()).collect(),
+            _ => Vec::new(),
+        };
         Ok(Trainer {
             model,
             opts,
@@ -279,6 +307,8 @@ impl<'m> Trainer<'m> {
             stages,
             last_step: Vec::new(),
             rank: None,
+            grid_opt: AdamW::new(&grid_sizes, 0.0),
+            grids,
             step: 0,
             history: Vec::new(),
             train,
@@ -327,11 +357,17 @@ impl<'m> Trainer<'m> {
             )));
         }
         t.parts[0].lora = lora;
+        if let Some(state) = fake_quant::load_state(&dir)? {
+            state.apply(&mut t.grids)?;
+        }
         t.step = j["step"].as_u64().unwrap_or(0) as usize;
         let p = &mut t.parts[0];
         p.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
+        t.grid_opt.t = p.opt.t;
         let opt_file = SafetensorsFile::open(dir.join(OPTIMIZER_FILE))?;
-        for (i, (m, v)) in p.opt.m.iter_mut().zip(&mut p.opt.v).enumerate() {
+        let moments = p.opt.m.iter_mut().zip(&mut p.opt.v);
+        let grid_moments = t.grid_opt.m.iter_mut().zip(&mut t.grid_opt.v);
+        for (i, (m, v)) in moments.chain(grid_moments).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
                 let e = opt_file.get(&name).ok_or_else(|| {
                     Error::Invalid(format!("{}: {name} missing", opt_file.path.display()))
@@ -364,13 +400,6 @@ impl<'m> Trainer<'m> {
             }
         }
         format!("{}:{}:{h:016x}", self.train.len(), self.val.len())
-    }
-
-    fn qat(&self) -> Option<FakeQuant> {
-        (self.opts.qat != QatMode::None).then_some(FakeQuant {
-            mode: self.opts.qat,
-            method: Method::default(),
-        })
     }
 
     /// Spreads the following steps over pipeline stages (`stages.layers`, contiguous from layer
@@ -439,6 +468,14 @@ impl<'m> Trainer<'m> {
                 t.n_stages(),
                 stages.layers.len()
             )));
+        }
+        if self.opts.qat == QatMode::Lsq {
+            // Each rank would learn its own layers' grids, and saving them needs them gathered
+            // like the adapters; until then, learned step sizes train on one process.
+            return Err(Error::Invalid(
+                "--qat lsq does not run over MPI ranks yet; use --stages over threads, or                  --qat ste|clipped"
+                    .into(),
+            ));
         }
         self.set_stages(stages)?;
         self.parts = vec![self.parts.swap_remove(t.stage())];
@@ -520,7 +557,16 @@ impl<'m> Trainer<'m> {
             .map(|i| data::sample_index(o.seed, n, self.step * o.accum + i))
             .collect();
         let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
-        let fq = self.qat();
+        // Under QAT the adapted weights are quantized once per step (under MPI, this rank's).
+        let fq_start = Instant::now();
+        let fq = match o.qat {
+            QatMode::None => None,
+            mode => Some(FakeQuant::new(self.model, &self.lora(), mode, &self.grids)?),
+        };
+        let fake_quant_secs = match fq {
+            Some(_) => fq_start.elapsed().as_secs_f64(),
+            None => 0.0,
+        };
         let micro = picks
             .iter()
             .enumerate()
@@ -558,8 +604,18 @@ impl<'m> Trainer<'m> {
             Error::Invalid(m) => Error::Invalid(format!("step {}: {m}", self.step + 1)),
             e => e,
         })?;
-        self.step += 1;
         let r0 = &reports[0];
+        if let Some(fq) = fq.filter(|_| o.qat == QatMode::Lsq) {
+            // The grids' gradients were counted in the global norm; clip them by it too.
+            let mut gg = fq.grid_grads();
+            let mut g: Vec<&mut Vec<f32>> = gg.params_mut().collect();
+            scale_to_norm(&mut g, r0.grad_norm, o.clip);
+            let grads: Vec<&[f32]> = gg.params().collect();
+            let mut params: Vec<&mut Vec<f32>> = self.grids.params_mut().collect();
+            self.grid_opt
+                .step(&mut params, &grads, lr * o.lsq_lr / o.lr)?;
+        }
+        self.step += 1;
         let rec = Record {
             step: self.step,
             loss: r0.loss,
@@ -573,6 +629,8 @@ impl<'m> Trainer<'m> {
                 .map(|r| r.peak_activation_bytes)
                 .max()
                 .unwrap_or(0),
+            fake_quant_secs,
+            recompute_secs: reports.iter().map(|r| r.recompute_secs).sum(),
             val_loss: None,
         };
         self.last_step = reports;
@@ -595,7 +653,7 @@ impl<'m> Trainer<'m> {
         if k == 0 {
             return Ok(None);
         }
-        let fq = self.qat();
+        let fq = fake_quant_of(self.model, lora, self.opts.qat, &self.grids)?;
         let t = Trainable {
             model: self.model,
             lora,
@@ -649,10 +707,29 @@ impl<'m> Trainer<'m> {
         }
         match self.gather()? {
             Some(all) => {
-                all.lora.save(out, base_name)?;
+                self.save_adapters(out, base_name, &all.lora)?;
                 self.plot(&out.join("loss.png"))
             }
             None => Ok(()),
+        }
+    }
+
+    /// The PEFT adapter files, and under QAT what `pare merge` needs to store what was trained
+    /// ([`fake_quant::save_state`]; `lsq`'s grids go into the adapter file).
+    fn save_adapters(&self, dir: &Path, base_name: &str, lora: &Lora) -> Result<()> {
+        let extra = match self.opts.qat {
+            QatMode::Lsq => fake_quant::grid_tensors(&self.grids),
+            _ => Vec::new(),
+        };
+        lora.save_with(dir, base_name, extra)?;
+        let state = dir.join(fake_quant::STATE_FILE);
+        match self.opts.qat {
+            QatMode::None if state.exists() => {
+                // A plain run must not inherit an earlier QAT run's state in the same directory.
+                std::fs::remove_file(&state).map_err(|e| Error::io(&state, e))
+            }
+            QatMode::None => Ok(()),
+            mode => fake_quant::save_state(dir, mode, &self.grids),
         }
     }
 
@@ -669,9 +746,12 @@ impl<'m> Trainer<'m> {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        all.lora.save(&tmp, base_name)?;
+        self.save_adapters(&tmp, base_name, &all.lora)?;
         let mut tensors = Vec::new();
-        for (i, (m, v)) in all.m.into_iter().zip(all.v).enumerate() {
+        // The grids' moments (`lsq`) follow the adapters', as one optimizer's would.
+        let (gm, gv) = (self.grid_opt.m.clone(), self.grid_opt.v.clone());
+        let (ms, vs) = (all.m.into_iter().chain(gm), all.v.into_iter().chain(gv));
+        for (i, (m, v)) in ms.zip(vs).enumerate() {
             for (name, buf) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
                 let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
                 tensors.push((
@@ -772,6 +852,19 @@ fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// This step's fake quantizer under QAT: the adapted weights quantized once onto `grids`.
+fn fake_quant_of<'g>(
+    model: &Model,
+    lora: &Lora,
+    mode: QatMode,
+    grids: &'g Grids,
+) -> Result<Option<FakeQuant<'g>>> {
+    match mode {
+        QatMode::None => Ok(None),
+        mode => FakeQuant::new(model, lora, mode, grids).map(Some),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
@@ -789,6 +882,7 @@ fn record_to_json(r: &Record) -> serde_json::Value {
         "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens,
         "secs": r.secs, "recomputed_layers": r.recomputed_layers,
         "peak_activation_bytes": r.peak_activation_bytes, "val_loss": r.val_loss,
+        "fake_quant_secs": r.fake_quant_secs, "recompute_secs": r.recompute_secs,
     })
 }
 
@@ -802,6 +896,8 @@ fn record_from_json(j: &serde_json::Value) -> Option<Record> {
         secs: j["secs"].as_f64()?,
         recomputed_layers: j["recomputed_layers"].as_u64()? as usize,
         peak_activation_bytes: j["peak_activation_bytes"].as_u64()? as usize,
+        fake_quant_secs: j["fake_quant_secs"].as_f64().unwrap_or(0.0),
+        recompute_secs: j["recompute_secs"].as_f64().unwrap_or(0.0),
         val_loss: j["val_loss"].as_f64(),
     })
 }
