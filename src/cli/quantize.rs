@@ -55,7 +55,7 @@ pub struct Args {
     /// Also write the report as JSON.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
-    /// Draw the size-vs-predicted-error frontier (uniform formats vs optimal) as a PNG.
+    /// Draw the size-vs-predicted-perplexity frontier (uniform formats vs optimal) as a PNG.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
     /// Reuse the calibration and measurements saved in this file when they are of the same model

@@ -55,6 +55,11 @@ impl InputStats {
 pub struct Calibration {
     pub tokens: usize,
     pub inputs: BTreeMap<String, InputStats>,
+    /// Mean negative log-likelihood per predicted token of the calibration text under the model
+    /// (`None` in measurements saved before it was recorded): what a predicted perplexity starts
+    /// from.
+    #[serde(default)]
+    pub text_nll: Option<f64>,
 }
 
 #[derive(Default)]
@@ -95,10 +100,16 @@ pub fn calibrate(
     let collector = Arc::new(Collector::default());
     let mut state = State::new(model, n_ctx)?;
     state.observer = Some(collector.clone());
+    let mut nll = 0.0f64;
     for i in 0..chunks {
         state.reset();
         // All positions' logits, so the output head's inputs are observed too.
-        model.forward(&mut state, &tokens[i * n_ctx..(i + 1) * n_ctx], Logits::All)?;
+        let chunk = &tokens[i * n_ctx..(i + 1) * n_ctx];
+        model.forward(&mut state, chunk, Logits::All)?;
+        let nv = model.config.n_vocab;
+        for (row, &next) in state.logits.chunks_exact(nv).zip(&chunk[1..]) {
+            nll += crate::eval::perplexity::nll(row, next);
+        }
         progress(i + 1, chunks);
     }
     state.observer = None;
@@ -106,5 +117,6 @@ pub fn calibrate(
     Ok(Calibration {
         tokens: chunks * n_ctx,
         inputs,
+        text_nll: Some(nll / (chunks * (n_ctx - 1)) as f64),
     })
 }

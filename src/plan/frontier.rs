@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::plan::allocate::Strategy;
-use crate::plan::quantize::Plan;
+use crate::plan::quantize::{Plan, Sensitivity};
 use crate::plot::{self, Chart, Series, Style};
 use crate::quant::format;
 
@@ -60,29 +60,62 @@ pub fn frontier(plan: &Plan, n: usize) -> Result<(Vec<Point>, Vec<Point>)> {
     Ok((uniform, optimal))
 }
 
-/// Draws the frontier, with the plan's own choice marked.
+/// Draws the frontier, with the plan's own choice marked. Where the errors are predicted KL
+/// (nats per token, the `fisher` and `kl` sensitivities) and calibration measured the text's own
+/// loss, the y axis is the predicted perplexity on the calibration text, `exp(nll + KL)`, beside
+/// the unquantized model's; otherwise it is the predicted error in the tensors' own units.
 pub fn write_chart(plan: &Plan, path: &std::path::Path) -> Result<()> {
     let (uniform, optimal) = frontier(plan, 16)?;
     let cands = plan.candidates();
-    let own = (
-        8.0 * (plan.allocation.bytes(&cands) + plan.fixed_bytes) as f64 / plan.n_weights as f64,
-        plan.allocation.error(&cands),
-    );
+    let own = Point {
+        label: "this plan".into(),
+        bits_per_weight: 8.0 * (plan.allocation.bytes(&cands) + plan.fixed_bytes) as f64
+            / plan.n_weights as f64,
+        predicted_error: plan.allocation.error(&cands),
+    };
+    let nll = match plan.options.sensitivity {
+        Sensitivity::Fisher | Sensitivity::Kl => plan.calibration.text_nll,
+        Sensitivity::Output => None,
+    };
+    let y = |e: f64| match nll {
+        Some(n) => (n + e).exp(),
+        None => e,
+    };
     let pts = |v: &[Point]| {
         v.iter()
-            .map(|p| (p.bits_per_weight, p.predicted_error))
+            .map(|p| (p.bits_per_weight, y(p.predicted_error)))
             .collect()
     };
+    let mut series = vec![
+        Series::new("uniform formats", pts(&uniform), Style::Points),
+        Series::new("optimal", pts(&optimal), Style::LineAndPoints),
+        Series::new("this plan", pts(std::slice::from_ref(&own)), Style::Points),
+    ];
+    let (title, y_label) = match nll {
+        Some(n) => {
+            let xs = uniform.iter().chain(&optimal).map(|p| p.bits_per_weight);
+            let (lo, hi) = xs.fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(x), b.max(x)));
+            series.push(Series::new(
+                "unquantized",
+                vec![(lo, n.exp()), (hi, n.exp())],
+                Style::Line,
+            ));
+            (
+                "predicted perplexity vs size: uniform formats and optimal plans",
+                "predicted perplexity (calibration text)",
+            )
+        }
+        None => (
+            "predicted error vs size: uniform formats and optimal plans",
+            "predicted output error",
+        ),
+    };
     let chart = Chart {
-        title: "predicted error vs size: uniform formats and optimal plans".into(),
+        title: title.into(),
         x_label: "bits per weight (whole model)".into(),
-        y_label: "predicted output error".into(),
+        y_label: y_label.into(),
         log_y: true,
-        series: vec![
-            Series::new("uniform formats", pts(&uniform), Style::Points),
-            Series::new("optimal", pts(&optimal), Style::LineAndPoints),
-            Series::new("this plan", vec![own], Style::Points),
-        ],
+        series,
     };
     plot::write_png(path, &chart)
 }
