@@ -135,16 +135,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
     let t0 = std::time::Instant::now();
     let pb = bar("{prefix:>10} {bar:30} {pos}/{len} [{elapsed} < {eta}]");
+    let mut stages: Vec<(&str, f64)> = Vec::new();
     let plan = quantize::plan(
         &a.model,
         &opts,
         a.measurements.as_deref(),
         |stage, done, total| {
-            pb.set_prefix(match stage {
+            let name = match stage {
                 Stage::Calibrate => "calibrate",
                 Stage::Measure => "measure",
                 Stage::Sensitivity => "sensitivity",
-            });
+            };
+            // Each stage's time runs from the previous stage's last report to its own last one.
+            let now = t0.elapsed().as_secs_f64();
+            match stages.last_mut() {
+                Some((n, end)) if *n == name => *end = now,
+                _ => stages.push((name, now)),
+            }
+            pb.set_prefix(name);
             pb.set_length(total as u64);
             pb.set_position(done as u64);
             if INTERRUPTED.load(Ordering::Relaxed) {
@@ -181,9 +189,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(p) = &a.plot {
         frontier::write_chart(&plan, p)?;
     }
+    let mut prev = 0.0;
+    let split: Vec<String> = stages
+        .iter()
+        .map(|&(n, end)| {
+            let d = end - std::mem::replace(&mut prev, end);
+            format!("{n} {d:.1} s")
+        })
+        .collect();
     println!(
-        "planned in {:.1} s, done in {:.1} s",
+        "planned in {:.1} s ({}), done in {:.1} s",
         planned_s,
+        if split.is_empty() {
+            "measurements reused".to_string()
+        } else {
+            split.join(", ")
+        },
         t0.elapsed().as_secs_f64()
     );
     Ok(())

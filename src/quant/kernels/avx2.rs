@@ -95,6 +95,23 @@ macro_rules! q8_kernels {
             }
             match ty {
                 GgmlType::Q4_0 => rows_by_tokens!(q4_0),
+                // Decode: one token, four rows at a time.
+                GgmlType::Q4_1 if xs.len() == 1 => {
+                    let four = w.len() / row_bytes / 4 * 4;
+                    for r in (0..four).step_by(4) {
+                        let mut res = [0.0f32; 4];
+                        q4_1_rows4(w.as_ptr().add(r * row_bytes), row_bytes, &xs[0], &mut res);
+                        for (i, &v) in res.iter().enumerate() {
+                            *out.add(r + i) = v;
+                        }
+                    }
+                    let mut res = [0.0f32; 4];
+                    let tail = w.get_unchecked(four * row_bytes..);
+                    for (i, wr) in tail.chunks_exact(row_bytes).enumerate() {
+                        q4_1::<1>(wr, xs, &mut res);
+                        *out.add(four + i) = res[0];
+                    }
+                }
                 GgmlType::Q4_1 => rows_by_tokens!(q4_1),
                 GgmlType::Q8_0 => rows_by_tokens!(q8_0),
                 other => unreachable!("no 8-bit-activation kernel for {other}"),
@@ -123,6 +140,36 @@ macro_rules! q8_kernels {
             }
             for t in 0..N {
                 out[t] = hsum(acc[t]) + mins[t];
+            }
+        }
+
+        /// Four consecutive Q4_1 rows (from `w`, `row_bytes` apart) times one token: the
+        /// activation block is loaded once for the four rows, whose accumulation chains run side
+        /// by side, and a block's scale and minimum are converted together from f16.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn q4_1_rows4(w: *const u8, row_bytes: usize, x: &Q8Row, out: &mut [f32; 4]) {
+            let nb = x.d.len();
+            let mut acc = [_mm256_setzero_ps(); 4];
+            // Lane 1 of each: Σ m · s (lane 0 collects d · x.d, unused).
+            let mut mins = [_mm_setzero_ps(); 4];
+            for b in 0..nb {
+                let xv = load_x(x, b);
+                let xds = _mm_unpacklo_ps(
+                    _mm_load_ss(x.d.as_ptr().add(b)),
+                    _mm_load_ss(x.s.as_ptr().add(b)),
+                );
+                for r in 0..4 {
+                    let blk = w.add(r * row_bytes + b * 20);
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+                    let prod = _mm_mul_ps(dm, xds);
+                    let p = dot_u8_i8(unpack_nibbles(blk.add(4)), xv);
+                    acc[r] = _mm256_fmadd_ps(p, _mm256_broadcastss_ps(prod), acc[r]);
+                    mins[r] = _mm_add_ps(mins[r], prod);
+                }
+            }
+            for r in 0..4 {
+                out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
             }
         }
 
