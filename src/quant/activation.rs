@@ -28,8 +28,31 @@ impl Q8Acts {
         self.cols.div_ceil(QK8)
     }
 
-    /// Quantizes `rows` rows of `cols` values each, reusing buffers.
+    /// Quantizes `rows` rows of `cols` values each, reusing buffers; vectorized with the best
+    /// instruction set the CPU has (the same code on every path, so the same bits).
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+        unsafe fn avx512(a: &mut Q8Acts, x: &[f32], rows: usize, cols: usize) {
+            a.quantize_plain(x, rows, cols)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn avx2(a: &mut Q8Acts, x: &[f32], rows: usize, cols: usize) {
+            a.quantize_plain(x, rows, cols)
+        }
+        match super::kernels::isa() {
+            // SAFETY: `isa` names only instruction sets the CPU has.
+            #[cfg(target_arch = "x86_64")]
+            super::kernels::Isa::Avx512 => unsafe { avx512(self, x, rows, cols) },
+            #[cfg(target_arch = "x86_64")]
+            super::kernels::Isa::Avx2 => unsafe { avx2(self, x, rows, cols) },
+            _ => self.quantize_plain(x, rows, cols),
+        }
+    }
+
+    #[inline(always)]
+    fn quantize_plain(&mut self, x: &[f32], rows: usize, cols: usize) {
         assert_eq!(x.len(), rows * cols);
         let nbr = cols.div_ceil(QK8);
         let nb = rows * nbr;
@@ -82,6 +105,7 @@ pub struct Q8Row<'a> {
 }
 
 /// Symmetric round-to-nearest of one block; returns (scale, scale × sum of quants, sum of quants).
+#[inline(always)]
 fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
