@@ -1,7 +1,9 @@
 //! Stage 0, which drives a pipeline: it embeds the tokens and runs the first layers one
 //! micro-batch at a time, sending each on as soon as it is done (so the stages work on different
-//! micro-batches at once), then waits for the last stage's logits. Perplexity and generation see
-//! it as a model: [`LogitsEval`] and [`crate::infer::generate::Forward`].
+//! micro-batches at once), then waits for the last stage's logits, or, when scoring a chunk, for
+//! the per-row results the last stage reduced its logits to (stage 0 never holds a chunk's
+//! logits). Perplexity and generation see it as a model: [`LogitsEval`] and
+//! [`crate::infer::generate::Forward`].
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -10,8 +12,29 @@ use super::schedule::{forward_only, Step};
 use super::stage::StageStats;
 use super::transport::{Header, Message, Transport};
 use crate::error::{Error, Result};
-use crate::eval::perplexity::LogitsEval;
+use crate::eval::perplexity::{check_scored_rows, LogitsEval};
+use crate::eval::score::{score_hidden, Reduce, Rows};
 use crate::model::{Batch, Logits, Model, State};
+
+/// What a scored request scores: rows `first..first + targets.len()` of it, reduced as `how` says,
+/// base records from and results to `rows`.
+struct Scoring<'a> {
+    how: Reduce,
+    first: usize,
+    targets: &'a [u32],
+    rows: &'a mut dyn Rows,
+}
+
+/// Rows `first..first + n` of a request that lie in its micro-batch `start..stop` (an empty range
+/// at `first` when none do).
+fn rows_in(first: usize, n: usize, start: usize, stop: usize) -> Range<usize> {
+    let (lo, hi) = (first.max(start), (first + n).min(stop));
+    if lo < hi {
+        lo..hi
+    } else {
+        first..first
+    }
+}
 
 pub struct Driver<'m, T: Transport> {
     model: &'m Model,
@@ -62,6 +85,19 @@ impl<'m, T: Transport> Driver<'m, T> {
     /// Runs `tokens` through every stage at positions `pos()..` (from 0 when `reset`), in up to
     /// `n_micro` micro-batches; leaves the logits `want` asks for in `self.logits`.
     pub fn forward(&mut self, tokens: &[u32], reset: bool, want: Logits) -> Result<()> {
+        self.request(tokens, reset, want, None)
+    }
+
+    /// [`forward`](Self::forward), or, with `score`, the scoring of rows of the request on the
+    /// last stage (each micro-batch's rows there, its results back here).
+    fn request(
+        &mut self,
+        tokens: &[u32],
+        reset: bool,
+        want: Logits,
+        mut score: Option<Scoring<'_>>,
+    ) -> Result<()> {
+        let want = if score.is_some() { Logits::None } else { want };
         if reset {
             self.state.reset();
         }
@@ -99,8 +135,32 @@ impl<'m, T: Transport> Driver<'m, T> {
                     _ => Logits::None,
                 },
                 reply: last_piece,
+                score: score.is_some(),
             };
+            // This micro-batch's scored rows, as positions of the micro-batch.
+            let scored = score.as_ref().map(|s| {
+                let r = rows_in(s.first, s.targets.len(), starts[i], starts[i + 1]);
+                let first = r.start.saturating_sub(starts[i]).min(len);
+                (first, &s.targets[r.start - s.first..r.end - s.first])
+            });
             let t0 = Instant::now();
+            if let (Some(s), Some((first, targets)), 1) = (score.as_mut(), scored, n_stages) {
+                // One stage: score here, the same way the last stage does.
+                let m = self.model;
+                m.forward_hidden(&mut self.state, Batch::Tokens(piece), &mut self.hidden)?;
+                let mut base = Vec::new();
+                if s.how == Reduce::Compare {
+                    s.rows.base(targets.len(), &mut base)?;
+                }
+                let d = m.config.n_embd;
+                let rows = &self.hidden[first * d..(first + targets.len()) * d];
+                let mut out = Vec::new();
+                score_hidden(m, &mut self.state, rows, s.how, targets, &base, &mut out)?;
+                s.rows.put(&out)?;
+                self.stats.busy += t0.elapsed();
+                self.stats.micro_batches += 1;
+                continue;
+            }
             self.model.forward_stage(
                 &mut self.state,
                 Batch::Tokens(piece),
@@ -115,6 +175,45 @@ impl<'m, T: Transport> Driver<'m, T> {
                 let hidden = std::mem::take(&mut self.hidden);
                 self.t.send(1, Message::Forward { header, hidden })?;
             }
+            if let (Some(s), Some((first, targets))) = (score.as_mut(), scored) {
+                let mut base = Vec::new();
+                if s.how == Reduce::Compare {
+                    s.rows.base(targets.len(), &mut base)?;
+                }
+                let msg = Message::Score {
+                    how: s.how,
+                    first,
+                    targets: targets.to_vec(),
+                    base,
+                };
+                self.t.send(n_stages - 1, msg)?;
+            }
+        }
+        if let Some(s) = score {
+            if n_stages > 1 {
+                // One reply per micro-batch, in order.
+                let per = s.how.out_bytes(self.model.config.n_vocab);
+                for i in 0..m {
+                    let r = rows_in(s.first, s.targets.len(), starts[i], starts[i + 1]);
+                    match self.t.recv(n_stages - 1)? {
+                        Message::Scores(v) if v.len() == r.len() * per => s.rows.put(&v)?,
+                        Message::Scores(v) => {
+                            return Err(Error::Model(format!(
+                                "the last stage sent {} bytes of scores for {} rows of {per}",
+                                v.len(),
+                                r.len()
+                            )))
+                        }
+                        other => {
+                            return Err(Error::Model(format!(
+                                "stage 0 expected scores from the last stage, got {}",
+                                other.kind()
+                            )))
+                        }
+                    }
+                }
+            }
+            return Ok(());
         }
         if n_stages > 1 {
             match self.t.recv(n_stages - 1)? {
@@ -168,6 +267,34 @@ impl<T: Transport> LogitsEval for Driver<'_, T> {
         self.forward(tokens, true, Logits::All)?;
         std::mem::swap(logits, &mut self.logits);
         Ok(())
+    }
+
+    fn score_chunk(
+        &mut self,
+        tokens: &[u32],
+        first: usize,
+        targets: &[u32],
+        how: Reduce,
+        rows: &mut dyn Rows,
+    ) -> Result<()> {
+        check_scored_rows(tokens.len(), first, targets.len())?;
+        if let Some(&t) = targets
+            .iter()
+            .find(|&&t| t as usize >= self.model.config.n_vocab)
+        {
+            return Err(Error::Invalid(format!(
+                "target token {t} is outside the vocabulary of {}",
+                self.model.config.n_vocab
+            )));
+        }
+        self.logits = Vec::new();
+        let score = Scoring {
+            how,
+            first,
+            targets,
+            rows,
+        };
+        self.request(tokens, true, Logits::None, Some(score))
     }
 }
 
