@@ -13,7 +13,7 @@ use super::stage::StageStats;
 use super::transport::{Header, Message, Transport};
 use crate::error::{Error, Result};
 use crate::eval::perplexity::{check_scored_rows, LogitsEval};
-use crate::eval::score::{score_hidden, Reduce, Rows};
+use crate::eval::score::{score_hidden, slices, Reduce, Rows};
 use crate::model::{Batch, Logits, Model, State};
 
 /// What a scored request scores: rows `first..first + targets.len()` of it, reduced as `how` says,
@@ -25,15 +25,26 @@ struct Scoring<'a> {
     rows: &'a mut dyn Rows,
 }
 
-/// Rows `first..first + n` of a request that lie in its micro-batch `start..stop` (an empty range
-/// at `first` when none do).
-fn rows_in(first: usize, n: usize, start: usize, stop: usize) -> Range<usize> {
-    let (lo, hi) = (first.max(start), (first + n).min(stop));
-    if lo < hi {
-        lo..hi
-    } else {
-        first..first
+impl Scoring<'_> {
+    /// The targets of the scored rows `r` (positions of the request; empty or within the scored
+    /// rows).
+    fn targets_of(&self, r: &Range<usize>) -> &[u32] {
+        if r.is_empty() {
+            return &[];
+        }
+        &self.targets[r.start - self.first..r.end - self.first]
     }
+}
+
+/// The slices (positions of the request) in which the rows `first..first + n` of a request that
+/// lie in its micro-batch `start..stop` are scored: [`slices`] of them, or one empty slice when
+/// none do.
+fn pieces(first: usize, n: usize, start: usize, stop: usize) -> Vec<Range<usize>> {
+    let (lo, hi) = (first.max(start), (first + n).min(stop));
+    if lo >= hi {
+        return std::iter::once(start..start).collect();
+    }
+    slices(hi - lo).map(|r| lo + r.start..lo + r.end).collect()
 }
 
 pub struct Driver<'m, T: Transport> {
@@ -137,26 +148,28 @@ impl<'m, T: Transport> Driver<'m, T> {
                 reply: last_piece,
                 score: score.is_some(),
             };
-            // This micro-batch's scored rows, as positions of the micro-batch.
-            let scored = score.as_ref().map(|s| {
-                let r = rows_in(s.first, s.targets.len(), starts[i], starts[i + 1]);
-                let first = r.start.saturating_sub(starts[i]).min(len);
-                (first, &s.targets[r.start - s.first..r.end - s.first])
-            });
+            // This micro-batch's scored rows, in slices (positions of the request).
+            let scored = score
+                .as_ref()
+                .map(|s| pieces(s.first, s.targets.len(), starts[i], starts[i + 1]));
             let t0 = Instant::now();
-            if let (Some(s), Some((first, targets)), 1) = (score.as_mut(), scored, n_stages) {
+            if let (Some(s), Some(scored), 1) = (score.as_mut(), scored.as_ref(), n_stages) {
                 // One stage: score here, the same way the last stage does.
                 let m = self.model;
                 m.forward_hidden(&mut self.state, Batch::Tokens(piece), &mut self.hidden)?;
-                let mut base = Vec::new();
-                if s.how == Reduce::Compare {
-                    s.rows.base(targets.len(), &mut base)?;
-                }
                 let d = m.config.n_embd;
-                let rows = &self.hidden[first * d..(first + targets.len()) * d];
-                let mut out = Vec::new();
-                score_hidden(m, &mut self.state, rows, s.how, targets, &base, &mut out)?;
-                s.rows.put(&out)?;
+                let (mut base, mut out) = (Vec::new(), Vec::new());
+                for r in scored {
+                    base.clear();
+                    if s.how == Reduce::Compare {
+                        s.rows.base(r.len(), &mut base)?;
+                    }
+                    let rows = &self.hidden[(r.start - starts[i]) * d..(r.end - starts[i]) * d];
+                    let targets = s.targets_of(r);
+                    out.clear();
+                    score_hidden(m, &mut self.state, rows, s.how, targets, &base, &mut out)?;
+                    s.rows.put(&out)?;
+                }
                 self.stats.busy += t0.elapsed();
                 self.stats.micro_batches += 1;
                 continue;
@@ -175,26 +188,30 @@ impl<'m, T: Transport> Driver<'m, T> {
                 let hidden = std::mem::take(&mut self.hidden);
                 self.t.send(1, Message::Forward { header, hidden })?;
             }
-            if let (Some(s), Some((first, targets))) = (score.as_mut(), scored) {
-                let mut base = Vec::new();
-                if s.how == Reduce::Compare {
-                    s.rows.base(targets.len(), &mut base)?;
+            if let (Some(s), Some(scored)) = (score.as_mut(), scored) {
+                for (j, r) in scored.iter().enumerate() {
+                    let mut base = Vec::new();
+                    if s.how == Reduce::Compare {
+                        s.rows.base(r.len(), &mut base)?;
+                    }
+                    let msg = Message::Score {
+                        how: s.how,
+                        first: r.start - starts[i],
+                        targets: s.targets_of(r).to_vec(),
+                        base,
+                        more: j + 1 < scored.len(),
+                    };
+                    self.t.send(n_stages - 1, msg)?;
                 }
-                let msg = Message::Score {
-                    how: s.how,
-                    first,
-                    targets: targets.to_vec(),
-                    base,
-                };
-                self.t.send(n_stages - 1, msg)?;
             }
         }
         if let Some(s) = score {
             if n_stages > 1 {
-                // One reply per micro-batch, in order.
+                // One reply per slice, in order.
                 let per = s.how.out_bytes(self.model.config.n_vocab);
-                for i in 0..m {
-                    let r = rows_in(s.first, s.targets.len(), starts[i], starts[i + 1]);
+                let all =
+                    (0..m).flat_map(|i| pieces(s.first, s.targets.len(), starts[i], starts[i + 1]));
+                for r in all {
                     match self.t.recv(n_stages - 1)? {
                         Message::Scores(v) if v.len() == r.len() * per => s.rows.put(&v)?,
                         Message::Scores(v) => {
@@ -308,5 +325,28 @@ impl<T: Transport> crate::infer::generate::Forward for Driver<'_, T> {
     }
     fn pos(&self) -> usize {
         self.pos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one slice, a Vec of one range
+    fn pieces_cover_the_scored_rows_of_each_micro_batch() {
+        // A chunk of 512 scoring rows 256..511, in 4 micro-batches of 128.
+        assert_eq!(pieces(256, 255, 0, 128), [0..0]);
+        assert_eq!(pieces(256, 255, 128, 256), [128..128]);
+        assert_eq!(
+            pieces(256, 255, 256, 384),
+            [256..288, 288..320, 320..352, 352..384]
+        );
+        let last = pieces(256, 255, 384, 512);
+        assert_eq!((last[0].start, last[3].end, last.len()), (384, 511, 4));
+        // Scored rows before, inside and after a micro-batch.
+        assert_eq!(pieces(10, 5, 20, 30), [20..20]);
+        assert_eq!(pieces(22, 3, 20, 30), [22..25]);
+        assert_eq!(pieces(18, 40, 20, 30), [20..30]);
     }
 }

@@ -58,33 +58,41 @@ pub fn serve(
                     model.forward_hidden(&mut state, Batch::Hidden(&x), &mut hidden)?;
                     stats.busy += t0.elapsed();
                     stats.micro_batches += 1;
-                    let (how, first, targets, base) = match t.recv(0)? {
-                        Message::Score {
-                            how,
+                    // The micro-batch's scored rows, a slice at a time: one slice's base
+                    // records in, one slice's results out.
+                    loop {
+                        let (how, first, targets, base, more) = match t.recv(0)? {
+                            Message::Score {
+                                how,
+                                first,
+                                targets,
+                                base,
+                                more,
+                            } => (how, first, targets, base, more),
+                            other => {
+                                return Err(Error::Model(format!(
+                                    "stage {me}: expected the rows to score from stage 0, got {}",
+                                    other.kind()
+                                )))
+                            }
+                        };
+                        let t0 = Instant::now();
+                        let d = model.config.n_embd;
+                        crate::eval::perplexity::check_scored_rows(
+                            header.n_tokens,
                             first,
-                            targets,
-                            base,
-                        } => (how, first, targets, base),
-                        other => {
-                            return Err(Error::Model(format!(
-                                "stage {me}: expected the rows to score from stage 0, got {}",
-                                other.kind()
-                            )))
+                            targets.len(),
+                        )?;
+                        let rows = &hidden[first * d..(first + targets.len()) * d];
+                        scores.clear();
+                        score_hidden(model, &mut state, rows, how, &targets, &base, &mut scores)?;
+                        drop(base);
+                        stats.busy += t0.elapsed();
+                        t.send(0, Message::Scores(scores.clone()))?;
+                        if !more {
+                            break;
                         }
-                    };
-                    let t0 = Instant::now();
-                    let d = model.config.n_embd;
-                    crate::eval::perplexity::check_scored_rows(
-                        header.n_tokens,
-                        first,
-                        targets.len(),
-                    )?;
-                    let rows = &hidden[first * d..(first + targets.len()) * d];
-                    scores.clear();
-                    score_hidden(model, &mut state, rows, how, &targets, &base, &mut scores)?;
-                    drop(base);
-                    stats.busy += t0.elapsed();
-                    t.send(0, Message::Scores(std::mem::take(&mut scores)))?;
+                    }
                     continue;
                 }
                 model.forward_stage(&mut state, Batch::Hidden(&x), header.want, &mut hidden)?;

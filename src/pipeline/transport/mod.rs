@@ -36,17 +36,21 @@ pub enum Message {
     Forward { header: Header, hidden: Vec<f32> },
     /// The logits of a request, from the last stage to stage 0.
     Logits(Vec<f32>),
-    /// What to score in a micro-batch, from stage 0 straight to the last stage, sent after that
-    /// micro-batch's hidden states: its rows `first..first + targets.len()` predict `targets`,
-    /// reduced as `how` says (with `base` holding their base records when comparing).
+    /// A slice of rows to score in a micro-batch, from stage 0 straight to the last stage, sent
+    /// after that micro-batch's hidden states: its rows `first..first + targets.len()` predict
+    /// `targets`, reduced as `how` says (with `base` holding their base records when comparing).
+    /// A micro-batch's scored rows come as [`crate::eval::score::slices`], in order, `more` on
+    /// all but the last (one empty slice when none of its rows is scored), so that no message
+    /// carries more than a slice's base records or results.
     Score {
         how: Reduce,
         first: usize,
         targets: Vec<u32>,
         base: Vec<u8>,
+        more: bool,
     },
-    /// A scored micro-batch's per-row results ([`crate::eval::score`]), from the last stage to
-    /// stage 0.
+    /// The per-row results of one [`Message::Score`] ([`crate::eval::score`]), from the last stage
+    /// to stage 0.
     Scores(Vec<u8>),
     /// The job is over: each stage passes it on and ends.
     Stop,

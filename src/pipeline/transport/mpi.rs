@@ -202,6 +202,7 @@ impl Transport for MpiTransport<'_> {
                 first,
                 targets,
                 base,
+                more,
             } => {
                 let mut bytes = Vec::with_capacity(4 * targets.len() + base.len());
                 targets
@@ -210,7 +211,7 @@ impl Transport for MpiTransport<'_> {
                 bytes.extend_from_slice(&base);
                 let head = [
                     SCORE,
-                    how.code(),
+                    how.code() | u64::from(more) << 8,
                     first as u64,
                     targets.len() as u64,
                     base.len() as u64,
@@ -300,7 +301,7 @@ impl Transport for MpiTransport<'_> {
             }
             LOGITS => Ok(Message::Logits(data(head[5])?)),
             SCORE => {
-                let how = Reduce::from_code(head[1]).ok_or_else(bad)?;
+                let how = Reduce::from_code(head[1] & 0xff).ok_or_else(bad)?;
                 let (n, base_len) = (head[3], head[4]);
                 if n.checked_mul(4).and_then(|b| b.checked_add(base_len)) != Some(head[5]) {
                     return Err(bad());
@@ -316,6 +317,7 @@ impl Transport for MpiTransport<'_> {
                     first: head[2] as usize,
                     targets,
                     base,
+                    more: head[1] & 0x100 != 0,
                 })
             }
             SCORES => Ok(Message::Scores(bytes(head[5])?)),
