@@ -278,8 +278,10 @@ impl<T: Transport> LogitsEval for Driver<'_, T> {
     }
 
     fn eval_chunk(&mut self, tokens: &[u32], logits: &mut Vec<f32>) -> Result<()> {
-        // A chunk's logits are large (512 x 49152 floats = 96 MiB): free the caller's previous
-        // buffer and ours before the next arrives, so that one is alive at a time, not three.
+        // Every row's logits, shipped from the last stage (perplexity and KL do not come here:
+        // they score on the last stage through `score_chunk`). A chunk's logits are large (512 x
+        // 49152 floats = 96 MiB): free the caller's previous buffer and ours before the next
+        // arrives, so that one is alive at a time, not three.
         *logits = Vec::new();
         self.forward(tokens, true, Logits::All)?;
         std::mem::swap(logits, &mut self.logits);
