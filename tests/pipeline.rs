@@ -1,10 +1,15 @@
 //! Pipeline stages over threads compute what the single-worker forward pass computes: logits,
-//! perplexity and greedy generation with 2 and 3 stages and several micro-batch counts.
+//! perplexity (per scored token, scored on the last stage), KL bases and comparisons, and greedy
+//! generation with 2 and 3 stages and several micro-batch counts.
 
 mod common;
 
+use pare::eval::kl;
 use pare::eval::model_eval::ModelEval;
-use pare::eval::perplexity::{perplexity, read_text, PerplexityOptions};
+use pare::eval::perplexity::{
+    for_each_chunk, perplexity, read_text, LogitsEval, PerplexityOptions,
+};
+use pare::eval::score::{row_nll, Reduce, Rows};
 use pare::infer::generate::{context_size, generate, generate_on, GenerateOptions};
 use pare::infer::sampling::SamplingParams;
 use pare::model::{Logits, Model, State};
@@ -97,6 +102,99 @@ fn perplexity_over_stages_equals_one_worker() {
         eprintln!("ppl 1 stage {} | {n} stages {}", one.ppl, r.ppl);
         assert!(((r.ppl - one.ppl) / one.ppl).abs() <= 1e-5);
         assert_eq!(r.tokens_scored, one.tokens_scored);
+    }
+}
+
+/// Every scored token's NLL, in order.
+struct Nlls(Vec<f64>);
+
+impl Rows for Nlls {
+    fn base(&mut self, _: usize, _: &mut Vec<u8>) -> pare::Result<()> {
+        Err(pare::Error::Invalid("no base".into()))
+    }
+    fn put(&mut self, results: &[u8]) -> pare::Result<()> {
+        self.0.extend(results.chunks_exact(8).map(row_nll));
+        Ok(())
+    }
+}
+
+fn nlls(eval: &mut dyn LogitsEval, tokens: &[u32], opts: &PerplexityOptions) -> Vec<f64> {
+    let mut rows = Nlls(Vec::new());
+    for_each_chunk(eval, tokens, opts, Reduce::Nll, &mut rows, |_, _, _| Ok(())).unwrap();
+    rows.0
+}
+
+/// Largest |a - b| over the largest |a|, in f64.
+fn rel_diff64(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0f64, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn per_token_nll_over_stages_equals_one_worker() {
+    // The last stage scores the rows (a few at a time) and sends stage 0 one number per token:
+    // each must equal the single worker's, for any number of micro-batches (including ones whose
+    // rows are all unscored). Micro-batches of fewer than 8 tokens are left out: the layers' products
+    // over so few rows take another kernel, whose logits differ by up to 3% from a whole chunk's
+    // even in one worker (Model::forward one token at a time).
+    let model = model();
+    let tokens = text_tokens(&model);
+    let opts = PerplexityOptions {
+        n_chunks: Some(2),
+        ..PerplexityOptions::new(96, Some(1))
+    };
+    let mut eval = ModelEval::new(&model, 96).unwrap();
+    let want = nlls(&mut eval, &tokens, &opts);
+    assert_eq!(want.len(), 2 * opts.scored_per_chunk());
+    for n in [2, 3] {
+        let ranges = plan(&model, n, 96);
+        for m in [1, 3, 5] {
+            let (got, _) = pipeline::with_threads(&model, &ranges, &[1; 3][..n], 96, m, |d| {
+                Ok(nlls(d, &tokens, &opts))
+            })
+            .unwrap();
+            let r = rel_diff64(&want, &got);
+            eprintln!("{n} stages, {m} micro-batches: per-token NLL max rel diff {r:e}");
+            assert!(r <= 1e-5, "{n} stages, {m} micro-batches: {r}");
+        }
+    }
+}
+
+#[test]
+fn kl_base_and_comparison_over_stages_equal_one_worker() {
+    // A base saved by one worker, compared over stages (base records go to the last stage), and a
+    // base saved over stages (records come back from it), compared by one worker: the same model
+    // both times, so the KL is at the quantization floor and the top tokens agree.
+    let model = model();
+    let tokens = text_tokens(&model);
+    let opts = PerplexityOptions {
+        n_chunks: Some(2),
+        ..PerplexityOptions::new(64, Some(1))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (one_path, staged_path) = (dir.path().join("one.kld"), dir.path().join("staged.kld"));
+    let mut eval = ModelEval::new(&model, 64).unwrap();
+    let one = kl::save_base(&mut eval, &tokens, &opts, &one_path, |_| {}).unwrap();
+    let ranges = plan(&model, 3, 64);
+    let ((staged, cmp), _) = pipeline::with_threads(&model, &ranges, &[1; 3], 64, 2, |d| {
+        let staged = kl::save_base(d, &tokens, &opts, &staged_path, |_| {})?;
+        let cmp = kl::compare(d, &tokens, &opts, &one_path, |_| {})?;
+        Ok((staged, cmp))
+    })
+    .unwrap();
+    let back = kl::compare(&mut eval, &tokens, &opts, &staged_path, |_| {}).unwrap();
+    let close = |a: f64, b: f64| ((a - b) / b).abs() <= 1e-5;
+    assert!(close(staged.ppl, one.ppl), "{} vs {}", staged.ppl, one.ppl);
+    for s in [&cmp, &back] {
+        eprintln!(
+            "KL over stages: ppl {} (one worker {}), mean KLD {:e}, max {:e}, same top {}",
+            s.ppl_new, one.ppl, s.kld_mean, s.kld_max, s.same_top
+        );
+        assert_eq!(s.positions, 2 * opts.scored_per_chunk());
+        assert!(close(s.ppl_new, one.ppl) && close(s.ppl_base, one.ppl));
+        assert!(s.kld_max < 1e-5, "{}", s.kld_max);
+        assert!(s.same_top > 0.99, "{}", s.same_top);
     }
 }
 

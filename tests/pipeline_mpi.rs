@@ -140,6 +140,34 @@ fn middle_rank_holds_only_its_stage(stderr: &str) {
 }
 
 #[test]
+fn kl_comparison_over_ranks_equals_one_worker() {
+    // Base records go from rank 0 to the last rank with each micro-batch; only the per-token
+    // comparisons come back.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.kld");
+    let base = base.to_str().unwrap();
+    let args = ppl_args(1);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let one = &args[..args.len() - 4];
+    let saved = Command::new(pare())
+        .args(one)
+        .args(["--kl-base-out", base])
+        .output()
+        .unwrap();
+    let want = json_ppl(&saved);
+    let staged = ppl_args(2);
+    let mut staged: Vec<&str> = staged.iter().map(String::as_str).collect();
+    staged.extend(["--kl-base", base]);
+    let out = mpirun(2, &[], &staged);
+    assert_close(json_ppl(&out), want);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let kld = v["kld_mean"].as_f64().unwrap();
+    assert!(kld < 1e-5, "mean KLD {kld}");
+    assert!(v["same_top"].as_f64().unwrap() > 0.99, "{v}");
+}
+
+#[test]
 fn two_hosts_over_tcp_equal_one_worker() {
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("rsh");

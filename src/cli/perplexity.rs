@@ -48,7 +48,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut eval = ModelEval::new(&model, a.ctx)?;
         return evaluate(&a, &model, &mut eval);
     }
-    let plan = a.stages.plan(&model, a.ctx, a.ctx)?;
+    // The last stage scores the chunk's rows a slice at a time; stage 0 gets per-token numbers.
+    let plan = a
+        .stages
+        .plan(&model, a.ctx, pare::eval::score::SLICE_ROWS.min(a.ctx))?;
     // Under MPI only rank 0 reads the text and prints; an error there stops the pipeline cleanly.
     match pare::pipeline::run(&model, &plan, a.ctx, a.stages.micro_batches, |d| {
         Ok(evaluate(&a, &model, d))

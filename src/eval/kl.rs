@@ -46,10 +46,10 @@
 
 use super::perplexity::{
     for_each_chunk, perplexity_with, ChunkProgress, LogitsEval, NllStats, PerplexityOptions,
-    PerplexityResult, ScoredChunk,
+    PerplexityResult,
 };
+use super::score::{row_kl, row_record, Reduce, Rows};
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -113,8 +113,13 @@ impl KlHeader {
     }
 }
 
+/// Bytes of one position's record in a base file of `n_vocab` tokens.
+pub fn record_len(n_vocab: usize) -> usize {
+    RECORD_FIXED + 2 * n_vocab
+}
+
 /// Quantizes one logits row into a record (`RECORD_FIXED + 2 · n_vocab` bytes).
-fn encode_row(row: &[f32], target: u32, range: f32, out: &mut [u8]) {
+pub(crate) fn encode_row(row: &[f32], target: u32, range: f32, out: &mut [u8]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let min = row.iter().copied().fold(f32::INFINITY, f32::min);
     let sum: f64 = row.iter().map(|&l| (l as f64 - max as f64).exp()).sum();
@@ -152,7 +157,6 @@ pub struct KlBaseWriter {
     tmp: PathBuf,
     out: Option<BufWriter<File>>,
     records_written: usize,
-    buf: Vec<u8>,
 }
 
 impl KlBaseWriter {
@@ -197,7 +201,6 @@ impl KlBaseWriter {
             tmp,
             out: Some(out),
             records_written: 0,
-            buf: Vec::new(),
         })
     }
 
@@ -205,36 +208,26 @@ impl KlBaseWriter {
         &self.header
     }
 
-    /// Appends the scored rows of one chunk (in chunk order).
-    pub fn write_chunk(&mut self, chunk: &ScoredChunk<'_>) -> Result<()> {
+    /// Appends the record of the next scored position (in chunk and row order).
+    pub fn write_record(&mut self, record: &[u8]) -> Result<()> {
         let h = &self.header;
-        let per = h.scored_per_chunk();
-        if chunk.n_vocab != h.n_vocab || chunk.targets.len() != per {
+        if record.len() != h.record_len() {
             return Err(Error::Invalid(format!(
-                "KL base: chunk has {} rows of {} logits, expected {per} rows of {}",
-                chunk.targets.len(),
-                chunk.n_vocab,
+                "KL base: a record of {} bytes, expected {} for {} tokens",
+                record.len(),
+                h.record_len(),
                 h.n_vocab
             )));
         }
-        if self.records_written + per > h.n_chunks * per {
+        if self.records_written >= h.n_chunks * h.scored_per_chunk() {
             return Err(Error::Invalid(format!(
                 "KL base: more than the announced {} chunks written",
                 h.n_chunks
             )));
         }
-        let rec = h.record_len();
-        let range = h.range;
-        self.buf.resize(per * rec, 0);
-        self.buf
-            .par_chunks_exact_mut(rec)
-            .zip(chunk.logits.par_chunks_exact(h.n_vocab))
-            .zip(chunk.targets.par_iter())
-            .for_each(|((out, row), &t)| encode_row(row, t, range, out));
         let out = self.out.as_mut().expect("writer used after finish");
-        out.write_all(&self.buf)
-            .map_err(|e| Error::io(&self.tmp, e))?;
-        self.records_written += per;
+        out.write_all(record).map_err(|e| Error::io(&self.tmp, e))?;
+        self.records_written += 1;
         Ok(())
     }
 
@@ -265,18 +258,12 @@ impl Drop for KlBaseWriter {
     }
 }
 
-/// One chunk of decoded-on-demand base records.
-#[derive(Debug, Clone, Default)]
-pub struct BaseChunk {
-    bytes: Vec<u8>,
-}
-
-/// Reads a base file chunk by chunk (a chunk is `(n_ctx − 1 − n_ctx/2) · (16 + 2·n_vocab)` bytes).
+/// Reads a base file's records in order, a few positions at a time.
 pub struct KlBaseReader {
     header: KlHeader,
     path: PathBuf,
     input: BufReader<File>,
-    chunks_read: usize,
+    records_read: usize,
 }
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8], path: &Path, what: &str) -> Result<()> {
@@ -357,7 +344,7 @@ impl KlBaseReader {
             header,
             path: path.to_path_buf(),
             input,
-            chunks_read: 0,
+            records_read: 0,
         })
     }
 
@@ -421,20 +408,21 @@ impl KlBaseReader {
         Ok(n_chunks)
     }
 
-    /// Reads the next chunk's records into `out`.
-    pub fn read_chunk(&mut self, out: &mut BaseChunk) -> Result<()> {
-        if self.chunks_read >= self.header.n_chunks {
+    /// Appends the records of the next `n` positions to `out`.
+    pub fn read_rows(&mut self, n: usize, out: &mut Vec<u8>) -> Result<()> {
+        let total = self.header.n_chunks * self.header.scored_per_chunk();
+        if self.records_read + n > total {
             return Err(Error::Invalid(format!(
-                "{}: all {} chunks already read",
+                "{}: {n} more positions asked for after {} of the file's {total}",
                 self.path.display(),
-                self.header.n_chunks
+                self.records_read
             )));
         }
-        out.bytes
-            .resize(self.header.scored_per_chunk() * self.header.record_len(), 0);
-        let what = format!("chunk {}", self.chunks_read + 1);
-        read_exact(&mut self.input, &mut out.bytes, &self.path, &what)?;
-        self.chunks_read += 1;
+        let at = out.len();
+        out.resize(at + n * self.header.record_len(), 0);
+        let what = format!("position {}", self.records_read + 1);
+        read_exact(&mut self.input, &mut out[at..], &self.path, &what)?;
+        self.records_read += n;
         Ok(())
     }
 }
@@ -449,7 +437,7 @@ pub struct PositionKl {
 }
 
 /// Compares one record (as written by `encode_row`) with the new model's logits row.
-fn compare_row(rec: &[u8], row: &[f32], target: u32) -> PositionKl {
+pub(crate) fn compare_row(rec: &[u8], row: &[f32], target: u32) -> PositionKl {
     let f = |i: usize| f32::from_le_bytes(rec[i..i + 4].try_into().unwrap());
     let (lo, step, nll_base) = (f(0) as f64, f(4) as f64, f(8) as f64);
     let top = u32::from_le_bytes(rec[12..16].try_into().unwrap());
@@ -541,39 +529,11 @@ pub struct KlAccumulator {
     same_top: usize,
     dp2: f64,
     chunks: usize,
-    scratch: Vec<PositionKl>,
 }
 
 impl KlAccumulator {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Compares one chunk's base records with the new model's scored rows.
-    pub fn add_chunk(&mut self, base: &BaseChunk, chunk: &ScoredChunk<'_>) -> Result<()> {
-        let rec = RECORD_FIXED + 2 * chunk.n_vocab;
-        if base.bytes.len() != chunk.targets.len() * rec {
-            return Err(Error::Invalid(format!(
-                "KL: base chunk holds {} bytes, expected {} rows of {rec}",
-                base.bytes.len(),
-                chunk.targets.len()
-            )));
-        }
-        self.scratch.clear();
-        self.scratch.par_extend(
-            base.bytes
-                .par_chunks_exact(rec)
-                .zip(chunk.logits.par_chunks_exact(chunk.n_vocab))
-                .zip(chunk.targets.par_iter())
-                .map(|((r, row), &t)| compare_row(r, row, t)),
-        );
-        let scratch = std::mem::take(&mut self.scratch);
-        for p in &scratch {
-            self.add(*p);
-        }
-        self.scratch = scratch;
-        self.chunks += 1;
-        Ok(())
     }
 
     /// Adds one position.
@@ -585,6 +545,11 @@ impl KlAccumulator {
         self.same_top += p.same_top as usize;
         let dp = (-p.nll_new).exp() - (-p.nll_base).exp();
         self.dp2 += dp * dp;
+    }
+
+    /// Counts one more compared chunk.
+    pub fn end_chunk(&mut self) {
+        self.chunks += 1;
     }
 
     pub fn progress(&self, n_chunks: usize) -> KlProgress {
@@ -654,8 +619,8 @@ pub fn save_base(
 ) -> Result<PerplexityResult> {
     let n_chunks = opts.chunks_for(tokens.len())?;
     let mut writer = KlBaseWriter::create(path, eval.n_vocab(), opts, n_chunks, tokens)?;
-    let result = perplexity_with(eval, tokens, opts, on_chunk, |chunk| {
-        writer.write_chunk(chunk)
+    let result = perplexity_with(eval, tokens, opts, Reduce::BaseRecord, on_chunk, |r| {
+        writer.write_record(row_record(r))
     })?;
     writer.finish()?;
     Ok(result)
@@ -676,15 +641,49 @@ pub fn compare(
         n_chunks: Some(n_chunks),
         ..opts.clone()
     };
-    let mut acc = KlAccumulator::new();
-    let mut base = BaseChunk::default();
-    for_each_chunk(eval, tokens, &run_opts, |chunk| {
-        reader.read_chunk(&mut base)?;
-        acc.add_chunk(&base, &chunk)?;
-        on_chunk(acc.progress(chunk.n_chunks));
+    let mut rows = CompareRows {
+        reader: &mut reader,
+        acc: KlAccumulator::new(),
+    };
+    let how = Reduce::Compare;
+    for_each_chunk(
+        eval,
+        tokens,
+        &run_opts,
+        how,
+        &mut rows,
+        |rows, _, n_chunks| {
+            rows.acc.end_chunk();
+            on_chunk(rows.acc.progress(n_chunks));
+            Ok(())
+        },
+    )?;
+    Ok(rows.acc.finish())
+}
+
+/// The base's records in, the comparisons out.
+struct CompareRows<'a> {
+    reader: &'a mut KlBaseReader,
+    acc: KlAccumulator,
+}
+
+impl Rows for CompareRows<'_> {
+    fn base(&mut self, n: usize, out: &mut Vec<u8>) -> Result<()> {
+        self.reader.read_rows(n, out)
+    }
+    fn put(&mut self, results: &[u8]) -> Result<()> {
+        let per = Reduce::Compare.out_bytes(self.reader.header.n_vocab);
+        if !results.len().is_multiple_of(per) {
+            return Err(Error::Model(format!(
+                "{} bytes of comparisons are not whole rows of {per}",
+                results.len()
+            )));
+        }
+        results
+            .chunks_exact(per)
+            .for_each(|r| self.acc.add(row_kl(r)));
         Ok(())
-    })?;
-    Ok(acc.finish())
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,15 @@
-//! The model as a [`LogitsEval`]: each chunk from an empty KV cache, logits for every position.
+//! The model as a [`LogitsEval`]: each chunk from an empty KV cache; scoring computes the logits
+//! of the scored rows only, a few at a time.
 
-use super::perplexity::LogitsEval;
+use super::perplexity::{check_scored_rows, LogitsEval};
+use super::score::{score_hidden, slices, Reduce, Rows};
 use crate::error::Result;
-use crate::model::{Logits, Model, State};
+use crate::model::{Batch, Logits, Model, State};
 
 pub struct ModelEval<'a> {
     model: &'a Model,
     state: State,
+    hidden: Vec<f32>,
 }
 
 impl<'a> ModelEval<'a> {
@@ -15,6 +18,7 @@ impl<'a> ModelEval<'a> {
         Ok(ModelEval {
             model,
             state: State::new(model, n_ctx)?,
+            hidden: Vec::new(),
         })
     }
 }
@@ -28,6 +32,42 @@ impl LogitsEval for ModelEval<'_> {
         self.state.reset();
         self.model.forward(&mut self.state, tokens, Logits::All)?;
         std::mem::swap(logits, &mut self.state.logits);
+        Ok(())
+    }
+
+    fn score_chunk(
+        &mut self,
+        tokens: &[u32],
+        first: usize,
+        targets: &[u32],
+        how: Reduce,
+        rows: &mut dyn Rows,
+    ) -> Result<()> {
+        check_scored_rows(tokens.len(), first, targets.len())?;
+        self.state.reset();
+        let m = self.model;
+        m.forward_hidden(&mut self.state, Batch::Tokens(tokens), &mut self.hidden)?;
+        let d = m.config.n_embd;
+        let (mut base, mut out) = (Vec::new(), Vec::new());
+        for r in slices(targets.len()) {
+            let (r0, r1) = (r.start, r.end);
+            base.clear();
+            if how == Reduce::Compare {
+                rows.base(r1 - r0, &mut base)?;
+            }
+            out.clear();
+            let h = &self.hidden[(first + r0) * d..(first + r1) * d];
+            score_hidden(
+                m,
+                &mut self.state,
+                h,
+                how,
+                &targets[r0..r1],
+                &base,
+                &mut out,
+            )?;
+            rows.put(&out)?;
+        }
         Ok(())
     }
 }

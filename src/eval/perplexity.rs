@@ -20,8 +20,8 @@
 //!    `X = exp(mean)` and `Y = X * sqrt(var / (N - 1))` (the standard error of the mean NLL,
 //!    propagated through `exp`; llama.cpp prints an error instead when `var <= 0`, pare reports 0).
 
+use super::score::{reduce_rows, row_nll, Reduce, Rows};
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 
 /// Something that turns a chunk of tokens into next-token logits: a model.
 pub trait LogitsEval {
@@ -31,6 +31,51 @@ pub trait LogitsEval {
     /// fills `logits` with one row of `n_vocab` values per position, row-major
     /// (`logits.len() == tokens.len() * n_vocab` afterwards).
     fn eval_chunk(&mut self, tokens: &[u32], logits: &mut Vec<f32>) -> Result<()>;
+    /// Evaluates `tokens` as [`eval_chunk`](Self::eval_chunk) does and scores the logits rows
+    /// `first..first + targets.len()` (row `first + r` predicting `targets[r]`) as `how` says,
+    /// taking their base records from `rows` and handing it their results, in row order. This
+    /// default computes the chunk's logits with `eval_chunk`; a model (and a pipeline, on its last
+    /// stage) computes only the scored rows' logits, a few at a time.
+    fn score_chunk(
+        &mut self,
+        tokens: &[u32],
+        first: usize,
+        targets: &[u32],
+        how: Reduce,
+        rows: &mut dyn Rows,
+    ) -> Result<()> {
+        let n_vocab = self.n_vocab();
+        check_scored_rows(tokens.len(), first, targets.len())?;
+        let mut logits = Vec::new();
+        self.eval_chunk(tokens, &mut logits)?;
+        if logits.len() != tokens.len() * n_vocab {
+            return Err(Error::Model(format!(
+                "evaluating a chunk of {n} tokens gave {} logits, expected {} ({n} x {n_vocab})",
+                logits.len(),
+                tokens.len() * n_vocab,
+                n = tokens.len(),
+            )));
+        }
+        let mut base = Vec::new();
+        if how == Reduce::Compare {
+            rows.base(targets.len(), &mut base)?;
+        }
+        let mut out = Vec::new();
+        let scored = &logits[first * n_vocab..(first + targets.len()) * n_vocab];
+        reduce_rows(how, n_vocab, scored, targets, &base, &mut out)?;
+        rows.put(&out)
+    }
+}
+
+/// Scored rows `first..first + n` must lie inside a chunk of `len` positions.
+pub fn check_scored_rows(len: usize, first: usize, n: usize) -> Result<()> {
+    if first.checked_add(n).is_none_or(|end| end > len) {
+        return Err(Error::Invalid(format!(
+            "rows {first}..{} to score lie outside a chunk of {len} positions",
+            first.saturating_add(n)
+        )));
+    }
+    Ok(())
 }
 
 /// How to chunk the text.
@@ -121,26 +166,18 @@ pub struct PerplexityResult {
     pub chunk_ppl: Vec<f64>,
 }
 
-/// The scored part of one evaluated chunk, as handed to [`for_each_chunk`]'s callback.
-#[derive(Debug, Clone, Copy)]
-pub struct ScoredChunk<'a> {
-    /// 0-based chunk index.
-    pub index: usize,
-    pub n_chunks: usize,
-    pub n_vocab: usize,
-    /// Logit rows of positions `first ..= n_ctx - 2`, row-major.
-    pub logits: &'a [f32],
-    /// The token each row predicts (positions `first + 1 ..= n_ctx - 1` of the chunk).
-    pub targets: &'a [u32],
-}
-
-/// Runs the chunk loop of llama-perplexity and hands each chunk's scored rows to `f`. The number of
-/// chunks evaluated is returned. [`perplexity`] and the KL divergence functions are built on this.
-pub fn for_each_chunk(
+/// Runs the chunk loop of llama-perplexity: each chunk's scored rows (positions `first ..= n_ctx -
+/// 2`, predicting the tokens at `first + 1 ..= n_ctx - 1`) are reduced as `how` says where their
+/// logits are computed, and their results go to `rows` in order; `done(rows, index, n_chunks)` is
+/// called after each chunk. The number of chunks evaluated is returned. [`perplexity`] and the KL
+/// divergence functions are built on this.
+pub fn for_each_chunk<R: Rows>(
     eval: &mut dyn LogitsEval,
     tokens: &[u32],
     opts: &PerplexityOptions,
-    mut f: impl FnMut(ScoredChunk<'_>) -> Result<()>,
+    how: Reduce,
+    rows: &mut R,
+    mut done: impl FnMut(&mut R, usize, usize) -> Result<()>,
 ) -> Result<usize> {
     let n_chunks = opts.chunks_for(tokens.len())?;
     let n_ctx = opts.n_ctx;
@@ -162,7 +199,6 @@ pub fn for_each_chunk(
     }
     let first = opts.first_scored();
     let mut input = Vec::with_capacity(n_ctx);
-    let mut logits = Vec::new();
     for i in 0..n_chunks {
         let chunk = &tokens[i * n_ctx..(i + 1) * n_ctx];
         input.clear();
@@ -170,24 +206,38 @@ pub fn for_each_chunk(
         if let Some(bos) = opts.bos {
             input[0] = bos;
         }
-        logits.clear();
-        eval.eval_chunk(&input, &mut logits)?;
-        if logits.len() != n_ctx * n_vocab {
+        let mut counted = Counted {
+            inner: &mut *rows,
+            bytes: 0,
+        };
+        eval.score_chunk(&input, first, &chunk[first + 1..], how, &mut counted)?;
+        let want = (n_ctx - 1 - first) * how.out_bytes(n_vocab);
+        if counted.bytes != want {
             return Err(Error::Model(format!(
-                "evaluating a chunk of {n_ctx} tokens gave {} logits, expected {} ({n_ctx} x {n_vocab})",
-                logits.len(),
-                n_ctx * n_vocab
+                "scoring a chunk gave {} bytes of results, expected {want} ({} rows)",
+                counted.bytes,
+                n_ctx - 1 - first
             )));
         }
-        f(ScoredChunk {
-            index: i,
-            n_chunks,
-            n_vocab,
-            logits: &logits[first * n_vocab..(n_ctx - 1) * n_vocab],
-            targets: &chunk[first + 1..],
-        })?;
+        done(rows, i, n_chunks)?;
     }
     Ok(n_chunks)
+}
+
+/// Passes rows on, counting the result bytes.
+struct Counted<'a, R: Rows> {
+    inner: &'a mut R,
+    bytes: usize,
+}
+
+impl<R: Rows> Rows for Counted<'_, R> {
+    fn base(&mut self, n: usize, out: &mut Vec<u8>) -> Result<()> {
+        self.inner.base(n, out)
+    }
+    fn put(&mut self, results: &[u8]) -> Result<()> {
+        self.bytes += results.len();
+        self.inner.put(results)
+    }
 }
 
 /// Negative log-likelihood of `target` under `softmax(row)`, with the log-sum-exp accumulated in f64
@@ -240,19 +290,6 @@ impl NllStats {
     }
 }
 
-/// Computes the NLL of every scored row of a chunk (in parallel, summed in order so the result does
-/// not depend on the thread count).
-pub fn chunk_nlls(chunk: &ScoredChunk<'_>, out: &mut Vec<f64>) {
-    out.clear();
-    out.par_extend(
-        chunk
-            .logits
-            .par_chunks_exact(chunk.n_vocab)
-            .zip(chunk.targets.par_iter())
-            .map(|(row, &t)| nll(row, t)),
-    );
-}
-
 /// llama-perplexity's perplexity over `tokens` (already tokenized with BOS, see the module docs).
 /// `on_chunk` is called after every chunk with the running value.
 pub fn perplexity(
@@ -261,38 +298,65 @@ pub fn perplexity(
     opts: &PerplexityOptions,
     on_chunk: impl FnMut(ChunkProgress),
 ) -> Result<PerplexityResult> {
-    perplexity_with(eval, tokens, opts, on_chunk, |_| Ok(()))
+    perplexity_with(eval, tokens, opts, Reduce::Nll, on_chunk, |_| Ok(()))
 }
 
-/// [`perplexity`], also handing every scored chunk to `each` before it is counted (the KL base
-/// writer saves its distributions this way).
+/// [`perplexity`] from rows reduced as `how` says (whose results start with the NLL), also handing
+/// every row's result to `each` in order (the KL base writer saves its records this way).
 pub fn perplexity_with(
     eval: &mut dyn LogitsEval,
     tokens: &[u32],
     opts: &PerplexityOptions,
+    how: Reduce,
     mut on_chunk: impl FnMut(ChunkProgress),
-    mut each: impl FnMut(&ScoredChunk<'_>) -> Result<()>,
+    each: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<PerplexityResult> {
-    let mut stats = NllStats::default();
+    let mut rows = NllRows {
+        per: how.out_bytes(eval.n_vocab()),
+        stats: NllStats::default(),
+        each,
+    };
     let mut chunk_ppl = Vec::new();
-    let mut nlls = Vec::new();
-    let chunks = for_each_chunk(eval, tokens, opts, |chunk| {
-        each(&chunk)?;
-        chunk_nlls(&chunk, &mut nlls);
-        for &v in &nlls {
-            stats.add(v);
-        }
-        let ppl = stats.ppl();
+    let chunks = for_each_chunk(eval, tokens, opts, how, &mut rows, |rows, i, n_chunks| {
+        let ppl = rows.stats.ppl();
         chunk_ppl.push(ppl);
         on_chunk(ChunkProgress {
-            done: chunk.index + 1,
-            n_chunks: chunk.n_chunks,
+            done: i + 1,
+            n_chunks,
             ppl,
-            tokens_scored: stats.count,
+            tokens_scored: rows.stats.count,
         });
         Ok(())
     })?;
-    Ok(result_from(&stats, chunks, chunk_ppl))
+    Ok(result_from(&rows.stats, chunks, chunk_ppl))
+}
+
+/// Counts each row's NLL (summed in row order, so the result does not depend on where or in how
+/// many pieces the rows were scored).
+struct NllRows<F> {
+    per: usize,
+    stats: NllStats,
+    each: F,
+}
+
+impl<F: FnMut(&[u8]) -> Result<()>> Rows for NllRows<F> {
+    fn base(&mut self, _n: usize, _out: &mut Vec<u8>) -> Result<()> {
+        Err(Error::Model("perplexity has no base records".into()))
+    }
+    fn put(&mut self, results: &[u8]) -> Result<()> {
+        if !results.len().is_multiple_of(self.per) {
+            return Err(Error::Model(format!(
+                "{} bytes of results are not whole rows of {}",
+                results.len(),
+                self.per
+            )));
+        }
+        for r in results.chunks_exact(self.per) {
+            self.stats.add(row_nll(r));
+            (self.each)(r)?;
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn result_from(

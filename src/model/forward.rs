@@ -183,6 +183,68 @@ impl Model {
         self.run(state, batch, want, (!last).then_some(hidden))
     }
 
+    /// Runs the layers of `state` on `batch` at positions `state.pos..` and writes the hidden
+    /// states they leave (`n × n_embd`) to `hidden`, without the output head even on the last
+    /// stage: scoring applies [`Model::output_head`] to the rows it needs, a few at a time.
+    pub fn forward_hidden(
+        &self,
+        state: &mut State,
+        batch: Batch<'_>,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
+        if let Batch::Hidden(h) = batch {
+            if !h.len().is_multiple_of(self.config.n_embd) {
+                return Err(Error::Invalid(format!(
+                    "{} hidden values are not whole rows of {}",
+                    h.len(),
+                    self.config.n_embd
+                )));
+            }
+        }
+        self.run(state, batch, Logits::None, Some(hidden))
+    }
+
+    /// The output head (final norm, output matrix) on hidden rows `x` that the model's last layer
+    /// left (`m × n_embd`): `m × n_vocab` logits into `out`, computed as the forward pass computes
+    /// them, in pieces of the state's micro-batch size (its scratch buffers).
+    pub fn output_head(&self, state: &mut State, x: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        let (d, v) = (self.config.n_embd, self.config.n_vocab);
+        if !x.len().is_multiple_of(d) {
+            return Err(Error::Invalid(format!(
+                "{} hidden values are not whole rows of {d}",
+                x.len()
+            )));
+        }
+        let m = x.len() / d;
+        out.resize(m * v, 0.0);
+        let ub = state.s.x.len() / d;
+        let obs = state.observer.clone();
+        for r0 in (0..m).step_by(ub.max(1)) {
+            let r1 = (r0 + ub).min(m);
+            self.head_rows(
+                &mut state.s,
+                obs.as_deref(),
+                &x[r0 * d..r1 * d],
+                &mut out[r0 * v..r1 * v],
+            );
+        }
+        Ok(())
+    }
+
+    /// Final norm and output matrix on the rows `x` (at most the scratch's micro-batch size).
+    fn head_rows(&self, s: &mut Scratch, obs: Option<&dyn Observer>, x: &[f32], out: &mut [f32]) {
+        let c = &self.config;
+        let w = &self.weights;
+        let m = x.len() / c.n_embd;
+        let xn = &mut s.xn[..m * c.n_embd];
+        ops::rms_norm(x, &w.output_norm, c.rms_eps, xn);
+        matmul(
+            &w.output,
+            &input_for(self.exact_activations, obs, &mut s.q8, xn, m, &[&w.output]),
+            out,
+        );
+    }
+
     /// The one forward loop behind [`Model::forward`] and [`Model::forward_stage`]: hidden states
     /// go to `hidden` when given, else through the output head.
     fn run(
@@ -375,15 +437,11 @@ impl Model {
 
         if !rows.is_empty() {
             let m = rows.len();
-            let xn = &mut s.xn[..m * d];
-            let x = &s.x[rows.start * d..rows.end * d];
-            ops::rms_norm(x, &w.output_norm, c.rms_eps, xn);
+            // The rows move out of the scratch for the head, which uses the scratch itself.
+            let x = std::mem::take(&mut s.x);
             let out = &mut st.logits[out_off..out_off + m * c.n_vocab];
-            matmul(
-                &w.output,
-                &input_for(exact, obs, &mut s.q8, xn, m, &[&w.output]),
-                out,
-            );
+            self.head_rows(s, obs, &x[rows.start * d..rows.end * d], out);
+            s.x = x;
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! Stage 0, which drives a pipeline: it embeds the tokens and runs the first layers one
 //! micro-batch at a time, sending each on as soon as it is done (so the stages work on different
-//! micro-batches at once), then waits for the last stage's logits. Perplexity and generation see
-//! it as a model: [`LogitsEval`] and [`crate::infer::generate::Forward`].
+//! micro-batches at once), then waits for the last stage's logits, or, when scoring a chunk, for
+//! the per-row results the last stage reduced its logits to (stage 0 never holds a chunk's
+//! logits). Perplexity and generation see it as a model: [`LogitsEval`] and
+//! [`crate::infer::generate::Forward`].
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -10,8 +12,40 @@ use super::schedule::{forward_only, Step};
 use super::stage::StageStats;
 use super::transport::{Header, Message, Transport};
 use crate::error::{Error, Result};
-use crate::eval::perplexity::LogitsEval;
+use crate::eval::perplexity::{check_scored_rows, LogitsEval};
+use crate::eval::score::{score_hidden, slices, Reduce, Rows};
 use crate::model::{Batch, Logits, Model, State};
+
+/// What a scored request scores: rows `first..first + targets.len()` of it, reduced as `how` says,
+/// base records from and results to `rows`.
+struct Scoring<'a> {
+    how: Reduce,
+    first: usize,
+    targets: &'a [u32],
+    rows: &'a mut dyn Rows,
+}
+
+impl Scoring<'_> {
+    /// The targets of the scored rows `r` (positions of the request; empty or within the scored
+    /// rows).
+    fn targets_of(&self, r: &Range<usize>) -> &[u32] {
+        if r.is_empty() {
+            return &[];
+        }
+        &self.targets[r.start - self.first..r.end - self.first]
+    }
+}
+
+/// The slices (positions of the request) in which the rows `first..first + n` of a request that
+/// lie in its micro-batch `start..stop` are scored: [`slices`] of them, or one empty slice when
+/// none do.
+fn pieces(first: usize, n: usize, start: usize, stop: usize) -> Vec<Range<usize>> {
+    let (lo, hi) = (first.max(start), (first + n).min(stop));
+    if lo >= hi {
+        return std::iter::once(start..start).collect();
+    }
+    slices(hi - lo).map(|r| lo + r.start..lo + r.end).collect()
+}
 
 pub struct Driver<'m, T: Transport> {
     model: &'m Model,
@@ -62,6 +96,19 @@ impl<'m, T: Transport> Driver<'m, T> {
     /// Runs `tokens` through every stage at positions `pos()..` (from 0 when `reset`), in up to
     /// `n_micro` micro-batches; leaves the logits `want` asks for in `self.logits`.
     pub fn forward(&mut self, tokens: &[u32], reset: bool, want: Logits) -> Result<()> {
+        self.request(tokens, reset, want, None)
+    }
+
+    /// [`forward`](Self::forward), or, with `score`, the scoring of rows of the request on the
+    /// last stage (each micro-batch's rows there, its results back here).
+    fn request(
+        &mut self,
+        tokens: &[u32],
+        reset: bool,
+        want: Logits,
+        mut score: Option<Scoring<'_>>,
+    ) -> Result<()> {
+        let want = if score.is_some() { Logits::None } else { want };
         if reset {
             self.state.reset();
         }
@@ -99,8 +146,34 @@ impl<'m, T: Transport> Driver<'m, T> {
                     _ => Logits::None,
                 },
                 reply: last_piece,
+                score: score.is_some(),
             };
+            // This micro-batch's scored rows, in slices (positions of the request).
+            let scored = score
+                .as_ref()
+                .map(|s| pieces(s.first, s.targets.len(), starts[i], starts[i + 1]));
             let t0 = Instant::now();
+            if let (Some(s), Some(scored), 1) = (score.as_mut(), scored.as_ref(), n_stages) {
+                // One stage: score here, the same way the last stage does.
+                let m = self.model;
+                m.forward_hidden(&mut self.state, Batch::Tokens(piece), &mut self.hidden)?;
+                let d = m.config.n_embd;
+                let (mut base, mut out) = (Vec::new(), Vec::new());
+                for r in scored {
+                    base.clear();
+                    if s.how == Reduce::Compare {
+                        s.rows.base(r.len(), &mut base)?;
+                    }
+                    let rows = &self.hidden[(r.start - starts[i]) * d..(r.end - starts[i]) * d];
+                    let targets = s.targets_of(r);
+                    out.clear();
+                    score_hidden(m, &mut self.state, rows, s.how, targets, &base, &mut out)?;
+                    s.rows.put(&out)?;
+                }
+                self.stats.busy += t0.elapsed();
+                self.stats.micro_batches += 1;
+                continue;
+            }
             self.model.forward_stage(
                 &mut self.state,
                 Batch::Tokens(piece),
@@ -115,6 +188,49 @@ impl<'m, T: Transport> Driver<'m, T> {
                 let hidden = std::mem::take(&mut self.hidden);
                 self.t.send(1, Message::Forward { header, hidden })?;
             }
+            if let (Some(s), Some(scored)) = (score.as_mut(), scored) {
+                for (j, r) in scored.iter().enumerate() {
+                    let mut base = Vec::new();
+                    if s.how == Reduce::Compare {
+                        s.rows.base(r.len(), &mut base)?;
+                    }
+                    let msg = Message::Score {
+                        how: s.how,
+                        first: r.start - starts[i],
+                        targets: s.targets_of(r).to_vec(),
+                        base,
+                        more: j + 1 < scored.len(),
+                    };
+                    self.t.send(n_stages - 1, msg)?;
+                }
+            }
+        }
+        if let Some(s) = score {
+            if n_stages > 1 {
+                // One reply per slice, in order.
+                let per = s.how.out_bytes(self.model.config.n_vocab);
+                let all =
+                    (0..m).flat_map(|i| pieces(s.first, s.targets.len(), starts[i], starts[i + 1]));
+                for r in all {
+                    match self.t.recv(n_stages - 1)? {
+                        Message::Scores(v) if v.len() == r.len() * per => s.rows.put(&v)?,
+                        Message::Scores(v) => {
+                            return Err(Error::Model(format!(
+                                "the last stage sent {} bytes of scores for {} rows of {per}",
+                                v.len(),
+                                r.len()
+                            )))
+                        }
+                        other => {
+                            return Err(Error::Model(format!(
+                                "stage 0 expected scores from the last stage, got {}",
+                                other.kind()
+                            )))
+                        }
+                    }
+                }
+            }
+            return Ok(());
         }
         if n_stages > 1 {
             match self.t.recv(n_stages - 1)? {
@@ -162,12 +278,42 @@ impl<T: Transport> LogitsEval for Driver<'_, T> {
     }
 
     fn eval_chunk(&mut self, tokens: &[u32], logits: &mut Vec<f32>) -> Result<()> {
-        // A chunk's logits are large (512 x 49152 floats = 96 MiB): free the caller's previous
-        // buffer and ours before the next arrives, so that one is alive at a time, not three.
+        // Every row's logits, shipped from the last stage (perplexity and KL do not come here:
+        // they score on the last stage through `score_chunk`). A chunk's logits are large (512 x
+        // 49152 floats = 96 MiB): free the caller's previous buffer and ours before the next
+        // arrives, so that one is alive at a time, not three.
         *logits = Vec::new();
         self.forward(tokens, true, Logits::All)?;
         std::mem::swap(logits, &mut self.logits);
         Ok(())
+    }
+
+    fn score_chunk(
+        &mut self,
+        tokens: &[u32],
+        first: usize,
+        targets: &[u32],
+        how: Reduce,
+        rows: &mut dyn Rows,
+    ) -> Result<()> {
+        check_scored_rows(tokens.len(), first, targets.len())?;
+        if let Some(&t) = targets
+            .iter()
+            .find(|&&t| t as usize >= self.model.config.n_vocab)
+        {
+            return Err(Error::Invalid(format!(
+                "target token {t} is outside the vocabulary of {}",
+                self.model.config.n_vocab
+            )));
+        }
+        self.logits = Vec::new();
+        let score = Scoring {
+            how,
+            first,
+            targets,
+            rows,
+        };
+        self.request(tokens, true, Logits::None, Some(score))
     }
 }
 
@@ -181,5 +327,28 @@ impl<T: Transport> crate::infer::generate::Forward for Driver<'_, T> {
     }
     fn pos(&self) -> usize {
         self.pos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one slice, a Vec of one range
+    fn pieces_cover_the_scored_rows_of_each_micro_batch() {
+        // A chunk of 512 scoring rows 256..511, in 4 micro-batches of 128.
+        assert_eq!(pieces(256, 255, 0, 128), [0..0]);
+        assert_eq!(pieces(256, 255, 128, 256), [128..128]);
+        assert_eq!(
+            pieces(256, 255, 256, 384),
+            [256..288, 288..320, 320..352, 352..384]
+        );
+        let last = pieces(256, 255, 384, 512);
+        assert_eq!((last[0].start, last[3].end, last.len()), (384, 511, 4));
+        // Scored rows before, inside and after a micro-batch.
+        assert_eq!(pieces(10, 5, 20, 30), [20..20]);
+        assert_eq!(pieces(22, 3, 20, 30), [22..25]);
+        assert_eq!(pieces(18, 40, 20, 30), [20..30]);
     }
 }

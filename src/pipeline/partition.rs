@@ -131,8 +131,9 @@ pub struct RunShape {
     pub n_ctx: usize,
     /// Positions per micro-batch (the hidden states that travel between stages).
     pub mb_tokens: usize,
-    /// Logit rows the last stage (and the first, which receives them) keeps per request: `n_ctx`
-    /// for perplexity, 1 for generation.
+    /// Logit rows the last stage holds at once: a slice of scored rows for perplexity
+    /// ([`crate::eval::score::SLICE_ROWS`]: it reduces them there and sends on only per-token
+    /// numbers), 1 for generation (sent to the first stage, which holds that row too).
     pub logits_rows: usize,
     pub n_vocab: usize,
     /// Bytes of one KV cache position of one layer (keys and values, f32).
@@ -250,8 +251,8 @@ fn stage(
     }
     let activation_bytes = (shape.mb_tokens * shape.n_embd * 4) as u64;
     let kv_bytes = (layers.len() * shape.n_ctx * shape.kv_bytes_per_pos) as u64;
-    // The first stage drives the pipeline and receives the logits the last one computes.
-    let logits = if first || last {
+    // The last stage computes logits (a one-stage plan is also the last).
+    let logits = if last {
         (shape.logits_rows * shape.n_vocab * 4) as u64
     } else {
         0
@@ -535,8 +536,13 @@ mod tests {
         assert_eq!(mid.activation_bytes, 2 * 3 * 4);
         assert_eq!(mid.kv_bytes, 2 * 4 * 8);
         assert_eq!(mid.peak_bytes, 200 + 64 + 50 + 2 * 24);
-        // First and last also hold the logits of a request (4 rows x 10 x 4 bytes).
-        assert_eq!(p.stages[0].peak_bytes, 1100 + 32 + 50 + 48 + 160);
+        assert_eq!(p.stages[0].peak_bytes, 1100 + 32 + 50 + 48);
+        // The last also holds the logits it computes at once (4 rows x 10 x 4 bytes).
+        let last = &p.stages[2];
+        assert_eq!(
+            last.peak_bytes,
+            last.weight_bytes + last.kv_bytes + 50 + 48 + 160
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! What a stage other than the first does: receive a micro-batch's hidden states, run its own
 //! layers on them (keeping the KV cache of those layers only), and pass the result on, or, on the
-//! last stage, apply the output head and send the logits of a finished request to stage 0.
+//! last stage, apply the output head and send the logits of a finished request to stage 0, or, for
+//! a scored micro-batch, score the rows stage 0 names a few at a time and send it only their
+//! results.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::transport::{Message, Transport};
 use crate::error::{Error, Result};
+use crate::eval::score::score_hidden;
 use crate::model::{Batch, Model, State};
 
 /// What a stage did in one run.
@@ -34,6 +37,7 @@ pub fn serve(
     let mut state = State::for_layers(model, n_ctx, layers)?;
     let mut hidden = Vec::new();
     let mut gathered = Vec::new();
+    let mut scores = Vec::new();
     let mut stats = StageStats::default();
     loop {
         match t.recv(me - 1)? {
@@ -49,6 +53,47 @@ pub fn serve(
                         header.n_tokens,
                         x.len()
                     )));
+                }
+                if last && header.score {
+                    model.forward_hidden(&mut state, Batch::Hidden(&x), &mut hidden)?;
+                    stats.busy += t0.elapsed();
+                    stats.micro_batches += 1;
+                    // The micro-batch's scored rows, a slice at a time: one slice's base
+                    // records in, one slice's results out.
+                    loop {
+                        let (how, first, targets, base, more) = match t.recv(0)? {
+                            Message::Score {
+                                how,
+                                first,
+                                targets,
+                                base,
+                                more,
+                            } => (how, first, targets, base, more),
+                            other => {
+                                return Err(Error::Model(format!(
+                                    "stage {me}: expected the rows to score from stage 0, got {}",
+                                    other.kind()
+                                )))
+                            }
+                        };
+                        let t0 = Instant::now();
+                        let d = model.config.n_embd;
+                        crate::eval::perplexity::check_scored_rows(
+                            header.n_tokens,
+                            first,
+                            targets.len(),
+                        )?;
+                        let rows = &hidden[first * d..(first + targets.len()) * d];
+                        scores.clear();
+                        score_hidden(model, &mut state, rows, how, &targets, &base, &mut scores)?;
+                        drop(base);
+                        stats.busy += t0.elapsed();
+                        t.send(0, Message::Scores(scores.clone()))?;
+                        if !more {
+                            break;
+                        }
+                    }
+                    continue;
                 }
                 model.forward_stage(&mut state, Batch::Hidden(&x), header.want, &mut hidden)?;
                 stats.busy += t0.elapsed();

@@ -9,6 +9,7 @@ pub mod threads;
 pub mod mpi;
 
 use crate::error::Result;
+use crate::eval::score::Reduce;
 use crate::model::Logits;
 
 /// What a micro-batch's hidden states come with.
@@ -23,6 +24,9 @@ pub struct Header {
     /// The last micro-batch of a request: the last stage sends the logits gathered since the
     /// previous reply to stage 0.
     pub reply: bool,
+    /// The micro-batch is scored instead (`want` is `None`): stage 0 sends the last stage a
+    /// [`Message::Score`] for it, and the last stage answers with a [`Message::Scores`].
+    pub score: bool,
 }
 
 /// A message between stages.
@@ -32,6 +36,22 @@ pub enum Message {
     Forward { header: Header, hidden: Vec<f32> },
     /// The logits of a request, from the last stage to stage 0.
     Logits(Vec<f32>),
+    /// A slice of rows to score in a micro-batch, from stage 0 straight to the last stage, sent
+    /// after that micro-batch's hidden states: its rows `first..first + targets.len()` predict
+    /// `targets`, reduced as `how` says (with `base` holding their base records when comparing).
+    /// A micro-batch's scored rows come as [`crate::eval::score::slices`], in order, `more` on
+    /// all but the last (one empty slice when none of its rows is scored), so that no message
+    /// carries more than a slice's base records or results.
+    Score {
+        how: Reduce,
+        first: usize,
+        targets: Vec<u32>,
+        base: Vec<u8>,
+        more: bool,
+    },
+    /// The per-row results of one [`Message::Score`] ([`crate::eval::score`]), from the last stage
+    /// to stage 0.
+    Scores(Vec<u8>),
     /// The job is over: each stage passes it on and ends.
     Stop,
     /// Training: micro-batch `micro`'s hidden states leaving a stage, to the next.
@@ -53,6 +73,8 @@ impl Message {
         match self {
             Message::Forward { .. } => "hidden states",
             Message::Logits(_) => "logits",
+            Message::Score { .. } => "rows to score",
+            Message::Scores(_) => "scores",
             Message::Stop => "a stop",
             Message::Activations { .. } => "training activations",
             Message::Gradient { .. } => "a gradient",

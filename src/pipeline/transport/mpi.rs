@@ -1,5 +1,6 @@
 //! One stage per MPI rank (Open MPI through the `mpi` crate): a message is a header of six
-//! integers followed, for hidden states, logits and gradients, by its f32 values (f64 for sums),
+//! integers followed, for hidden states, logits and gradients, by its f32 values (f64 for sums,
+//! bytes for rows to score and their scores),
 //! both point-to-point on MPI_COMM_WORLD (MPI keeps messages between two ranks in order). A rank
 //! that fails calls MPI_Abort, which ends every rank of the job, so no stage waits forever; a rank
 //! that dies is noticed by mpirun, which ends the others.
@@ -10,6 +11,7 @@ use mpi::traits::*;
 
 use super::{Header, Message, Transport};
 use crate::error::{Error, Result};
+use crate::eval::score::Reduce;
 use crate::model::Logits;
 
 const FORWARD: u64 = 1;
@@ -19,6 +21,8 @@ const ACTIVATIONS: u64 = 4;
 const GRADIENT: u64 = 5;
 const SUMS: u64 = 6;
 const SHARE: u64 = 7;
+const SCORE: u64 = 8;
+const SCORES: u64 = 9;
 
 /// This process's place in an MPI job. Dropping it finalizes MPI.
 pub struct Mpi {
@@ -73,7 +77,50 @@ impl Mpi {
 }
 
 /// A data send and the buffer it reads (leaked until the send completes).
-type InFlight = (Request<'static, [f32], StaticScope>, *mut [f32]);
+enum InFlight {
+    F32(Request<'static, [f32], StaticScope>, *mut [f32]),
+    Bytes(Request<'static, [u8], StaticScope>, *mut [u8]),
+}
+
+impl InFlight {
+    /// `Ok(())` once the send has completed and its buffer is freed; else itself back.
+    fn test(self) -> std::result::Result<(), InFlight> {
+        match self {
+            InFlight::F32(req, buf) => match req.test() {
+                Ok(_) => {
+                    // SAFETY: `buf` came from `Box::leak` in `send`, and its send is complete.
+                    drop(unsafe { Box::from_raw(buf) });
+                    Ok(())
+                }
+                Err(req) => Err(InFlight::F32(req, buf)),
+            },
+            InFlight::Bytes(req, buf) => match req.test() {
+                Ok(_) => {
+                    // SAFETY: `buf` came from `Box::leak` in `send_bytes`, and its send is complete.
+                    drop(unsafe { Box::from_raw(buf) });
+                    Ok(())
+                }
+                Err(req) => Err(InFlight::Bytes(req, buf)),
+            },
+        }
+    }
+
+    /// Waits for the send to complete and frees its buffer.
+    fn wait(self) {
+        match self {
+            InFlight::F32(req, buf) => {
+                req.wait();
+                // SAFETY: as in `test`.
+                drop(unsafe { Box::from_raw(buf) });
+            }
+            InFlight::Bytes(req, buf) => {
+                req.wait();
+                // SAFETY: as in `test`.
+                drop(unsafe { Box::from_raw(buf) });
+            }
+        }
+    }
+}
 
 pub struct MpiTransport<'a> {
     world: &'a SimpleCommunicator,
@@ -86,11 +133,9 @@ pub struct MpiTransport<'a> {
 impl MpiTransport<'_> {
     /// Frees the buffers of the sends that have completed.
     fn reap(&mut self) {
-        for (req, buf) in std::mem::take(&mut self.in_flight) {
-            match req.test() {
-                // SAFETY: `buf` came from `Box::leak` in `send`, and its send is complete.
-                Ok(_) => drop(unsafe { Box::from_raw(buf) }),
-                Err(req) => self.in_flight.push((req, buf)),
+        for f in std::mem::take(&mut self.in_flight) {
+            if let Err(f) = f.test() {
+                self.in_flight.push(f);
             }
         }
     }
@@ -98,10 +143,8 @@ impl MpiTransport<'_> {
 
 impl Drop for MpiTransport<'_> {
     fn drop(&mut self) {
-        for (req, buf) in self.in_flight.drain(..) {
-            req.wait();
-            // SAFETY: as in `reap`.
-            drop(unsafe { Box::from_raw(buf) });
+        for f in self.in_flight.drain(..) {
+            f.wait();
         }
     }
 }
@@ -111,6 +154,21 @@ fn want_code(w: Logits) -> u64 {
         Logits::None => 0,
         Logits::Last => 1,
         Logits::All => 2,
+    }
+}
+
+impl MpiTransport<'_> {
+    /// Sends a header and then `data` without waiting for the receiver (as `send` does for f32
+    /// data).
+    fn send_bytes(&mut self, to: usize, head: [u64; 6], data: Vec<u8>) -> Result<()> {
+        let p = self.world.process_at_rank(to as i32);
+        p.send(&head[..]);
+        self.reap();
+        let buf: &'static mut [u8] = Box::leak(data.into_boxed_slice());
+        let ptr: *mut [u8] = buf;
+        let req = p.immediate_send(StaticScope, &*buf);
+        self.in_flight.push(InFlight::Bytes(req, ptr));
+        Ok(())
     }
 }
 
@@ -131,7 +189,7 @@ impl Transport for MpiTransport<'_> {
                     FORWARD,
                     h.n_tokens as u64,
                     u64::from(h.reset),
-                    want_code(h.want),
+                    want_code(h.want) | u64::from(h.score) << 2,
                     u64::from(h.reply),
                     hidden.len() as u64,
                 ],
@@ -139,6 +197,31 @@ impl Transport for MpiTransport<'_> {
             ),
             Message::Logits(l) => ([LOGITS, 0, 0, 0, 0, l.len() as u64], l),
             Message::Stop => ([STOP, 0, 0, 0, 0, 0], Vec::new()),
+            Message::Score {
+                how,
+                first,
+                targets,
+                base,
+                more,
+            } => {
+                let mut bytes = Vec::with_capacity(4 * targets.len() + base.len());
+                targets
+                    .iter()
+                    .for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+                bytes.extend_from_slice(&base);
+                let head = [
+                    SCORE,
+                    how.code() | u64::from(more) << 8,
+                    first as u64,
+                    targets.len() as u64,
+                    base.len() as u64,
+                    bytes.len() as u64,
+                ];
+                return self.send_bytes(to, head, bytes);
+            }
+            Message::Scores(v) => {
+                return self.send_bytes(to, [SCORES, 0, 0, 0, 0, v.len() as u64], v)
+            }
             Message::Activations { micro, hidden } => (
                 [ACTIVATIONS, micro as u64, 0, 0, 0, hidden.len() as u64],
                 hidden,
@@ -160,7 +243,7 @@ impl Transport for MpiTransport<'_> {
             let buf: &'static mut [f32] = Box::leak(data.into_boxed_slice());
             let ptr: *mut [f32] = buf;
             let req = p.immediate_send(StaticScope, &*buf);
-            self.in_flight.push((req, ptr));
+            self.in_flight.push(InFlight::F32(req, ptr));
         }
         Ok(())
     }
@@ -186,9 +269,19 @@ impl Transport for MpiTransport<'_> {
             }
             Ok(v)
         };
+        let bytes = |len: u64| -> Result<Vec<u8>> {
+            let (v, _) = p.receive_vec::<u8>();
+            if v.len() as u64 != len {
+                return Err(Error::Model(format!(
+                    "rank {from} announced {len} bytes and sent {}",
+                    v.len()
+                )));
+            }
+            Ok(v)
+        };
         match head[0] {
             FORWARD => {
-                let want = match head[3] {
+                let want = match head[3] & 3 {
                     0 => Logits::None,
                     1 => Logits::Last,
                     2 => Logits::All,
@@ -199,6 +292,7 @@ impl Transport for MpiTransport<'_> {
                     reset: head[2] != 0,
                     want,
                     reply: head[4] != 0,
+                    score: head[3] & 4 != 0,
                 };
                 Ok(Message::Forward {
                     header,
@@ -206,6 +300,27 @@ impl Transport for MpiTransport<'_> {
                 })
             }
             LOGITS => Ok(Message::Logits(data(head[5])?)),
+            SCORE => {
+                let how = Reduce::from_code(head[1] & 0xff).ok_or_else(bad)?;
+                let (n, base_len) = (head[3], head[4]);
+                if n.checked_mul(4).and_then(|b| b.checked_add(base_len)) != Some(head[5]) {
+                    return Err(bad());
+                }
+                let mut v = bytes(head[5])?;
+                let base = v.split_off(4 * n as usize);
+                let targets = v
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Ok(Message::Score {
+                    how,
+                    first: head[2] as usize,
+                    targets,
+                    base,
+                    more: head[1] & 0x100 != 0,
+                })
+            }
+            SCORES => Ok(Message::Scores(bytes(head[5])?)),
             ACTIVATIONS => Ok(Message::Activations {
                 micro: head[1] as usize,
                 hidden: data(head[5])?,
