@@ -249,7 +249,7 @@ proptest! {
     /// tokens.
     #[test]
     fn every_format_simd_equals_scalar(
-        ty_i in 0usize..48, cols in 1usize..1100, n in 1usize..=9, n_rows in 1usize..5,
+        ty_i in 0usize..48, cols in 1usize..1100, n in 1usize..=9, n_rows in 1usize..10,
         seed in any::<u64>(), extreme in any::<bool>(),
         xs in prop::collection::vec(-100.0f32..100.0, 1100 * 9)
     ) {
