@@ -186,7 +186,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
     fn simd_equals_scalar(
-        ty_i in 0usize..3, blocks in 1usize..24, n in 1usize..=9, n_rows in 1usize..6,
+        ty_i in 0usize..3, blocks in 1usize..24, n in 1usize..=9, n_rows in 1usize..10,
         seed in any::<u64>(), extreme in any::<bool>(),
         xs in prop::collection::vec(-100.0f32..100.0, 32 * 24 * 9)
     ) {
