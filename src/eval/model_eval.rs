@@ -2,7 +2,7 @@
 //! of the scored rows only, a few at a time.
 
 use super::perplexity::{check_scored_rows, LogitsEval};
-use super::score::{score_hidden, slices, Reduce, Rows};
+use super::score::{score_streamed, Reduce, Rows};
 use crate::error::Result;
 use crate::model::{Batch, Logits, Model, State};
 
@@ -48,26 +48,7 @@ impl LogitsEval for ModelEval<'_> {
         let m = self.model;
         m.forward_hidden(&mut self.state, Batch::Tokens(tokens), &mut self.hidden)?;
         let d = m.config.n_embd;
-        let (mut base, mut out) = (Vec::new(), Vec::new());
-        for r in slices(targets.len()) {
-            let (r0, r1) = (r.start, r.end);
-            base.clear();
-            if how == Reduce::Compare {
-                rows.base(r1 - r0, &mut base)?;
-            }
-            out.clear();
-            let h = &self.hidden[(first + r0) * d..(first + r1) * d];
-            score_hidden(
-                m,
-                &mut self.state,
-                h,
-                how,
-                &targets[r0..r1],
-                &base,
-                &mut out,
-            )?;
-            rows.put(&out)?;
-        }
-        Ok(())
+        let h = &self.hidden[first * d..(first + targets.len()) * d];
+        score_streamed(m, &mut self.state, h, how, targets, rows)
     }
 }

@@ -109,14 +109,20 @@ pub trait Rows {
     fn put(&mut self, results: &[u8]) -> Result<()>;
 }
 
+/// Checks that every target is inside the vocabulary.
+pub fn check_targets(n_vocab: usize, targets: &[u32]) -> Result<()> {
+    match targets.iter().find(|&&t| t as usize >= n_vocab) {
+        Some(&t) => Err(Error::Invalid(format!(
+            "target token {t} is outside the vocabulary of {n_vocab} tokens"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Checks the inputs of `targets.len()` rows: targets inside the vocabulary, base records of the
 /// right size.
 pub fn check_rows(how: Reduce, n_vocab: usize, targets: &[u32], base: &[u8]) -> Result<()> {
-    if let Some(&t) = targets.iter().find(|&&t| t as usize >= n_vocab) {
-        return Err(Error::Invalid(format!(
-            "target token {t} is outside the vocabulary of {n_vocab} tokens"
-        )));
-    }
+    check_targets(n_vocab, targets)?;
     let want = targets.len() * how.base_bytes(n_vocab);
     if base.len() != want {
         return Err(Error::Invalid(format!(
@@ -207,6 +213,32 @@ pub fn score_hidden(
             &base[r0 * rec..r1 * rec],
             out,
         )?;
+    }
+    Ok(())
+}
+
+/// [`score_hidden`] on `hidden` (one row per target) a slice at a time, each slice's base records
+/// taken from `rows` and its results handed to it: what a model, or a one-stage pipeline, does
+/// with a chunk's scored rows.
+pub fn score_streamed(
+    model: &Model,
+    state: &mut State,
+    hidden: &[f32],
+    how: Reduce,
+    targets: &[u32],
+    rows: &mut dyn Rows,
+) -> Result<()> {
+    let d = model.config.n_embd;
+    let (mut base, mut out) = (Vec::new(), Vec::new());
+    for r in slices(targets.len()) {
+        base.clear();
+        if how == Reduce::Compare {
+            rows.base(r.len(), &mut base)?;
+        }
+        out.clear();
+        let h = &hidden[r.start * d..r.end * d];
+        score_hidden(model, state, h, how, &targets[r], &base, &mut out)?;
+        rows.put(&out)?;
     }
     Ok(())
 }

@@ -170,15 +170,6 @@ impl Model {
         want: Logits,
         hidden: &mut Vec<f32>,
     ) -> Result<()> {
-        if let Batch::Hidden(h) = batch {
-            if !h.len().is_multiple_of(self.config.n_embd) {
-                return Err(Error::Invalid(format!(
-                    "{} hidden values are not whole rows of {}",
-                    h.len(),
-                    self.config.n_embd
-                )));
-            }
-        }
         let last = state.kv.layers().end == self.config.n_layer;
         self.run(state, batch, want, (!last).then_some(hidden))
     }
@@ -192,15 +183,6 @@ impl Model {
         batch: Batch<'_>,
         hidden: &mut Vec<f32>,
     ) -> Result<()> {
-        if let Batch::Hidden(h) = batch {
-            if !h.len().is_multiple_of(self.config.n_embd) {
-                return Err(Error::Invalid(format!(
-                    "{} hidden values are not whole rows of {}",
-                    h.len(),
-                    self.config.n_embd
-                )));
-            }
-        }
         self.run(state, batch, Logits::None, Some(hidden))
     }
 
@@ -245,7 +227,8 @@ impl Model {
         );
     }
 
-    /// The one forward loop behind [`Model::forward`] and [`Model::forward_stage`]: hidden states
+    /// The one forward loop behind [`Model::forward`], [`Model::forward_stage`] and
+    /// [`Model::forward_hidden`] (and the checks of their input): hidden states
     /// go to `hidden` when given, else through the output head.
     fn run(
         &self,
@@ -255,6 +238,15 @@ impl Model {
         mut hidden: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let c = &self.config;
+        if let Batch::Hidden(h) = batch {
+            if !h.len().is_multiple_of(c.n_embd) {
+                return Err(Error::Invalid(format!(
+                    "{} hidden values are not whole rows of {}",
+                    h.len(),
+                    c.n_embd
+                )));
+            }
+        }
         let n = batch.len(c.n_embd);
         if state.pos + n > state.kv.capacity {
             return Err(Error::Invalid(format!(

@@ -13,7 +13,7 @@ use super::stage::StageStats;
 use super::transport::{Header, Message, Transport};
 use crate::error::{Error, Result};
 use crate::eval::perplexity::{check_scored_rows, LogitsEval};
-use crate::eval::score::{score_hidden, slices, Reduce, Rows};
+use crate::eval::score::{check_targets, score_streamed, slices, Reduce, Rows};
 use crate::model::{Batch, Logits, Model, State};
 
 /// What a scored request scores: rows `first..first + targets.len()` of it, reduced as `how` says,
@@ -25,10 +25,10 @@ struct Scoring<'a> {
     rows: &'a mut dyn Rows,
 }
 
-impl Scoring<'_> {
+impl<'a> Scoring<'a> {
     /// The targets of the scored rows `r` (positions of the request; empty or within the scored
     /// rows).
-    fn targets_of(&self, r: &Range<usize>) -> &[u32] {
+    fn targets_of(&self, r: &Range<usize>) -> &'a [u32] {
         if r.is_empty() {
             return &[];
         }
@@ -158,18 +158,11 @@ impl<'m, T: Transport> Driver<'m, T> {
                 let m = self.model;
                 m.forward_hidden(&mut self.state, Batch::Tokens(piece), &mut self.hidden)?;
                 let d = m.config.n_embd;
-                let (mut base, mut out) = (Vec::new(), Vec::new());
-                for r in scored {
-                    base.clear();
-                    if s.how == Reduce::Compare {
-                        s.rows.base(r.len(), &mut base)?;
-                    }
-                    let rows = &self.hidden[(r.start - starts[i]) * d..(r.end - starts[i]) * d];
-                    let targets = s.targets_of(r);
-                    out.clear();
-                    score_hidden(m, &mut self.state, rows, s.how, targets, &base, &mut out)?;
-                    s.rows.put(&out)?;
-                }
+                // The scored rows' span; `score_streamed` slices it as `pieces` did.
+                let (lo, hi) = (scored[0].start, scored[scored.len() - 1].end);
+                let h = &self.hidden[(lo - starts[i]) * d..(hi - starts[i]) * d];
+                let targets = s.targets_of(&(lo..hi));
+                score_streamed(m, &mut self.state, h, s.how, targets, &mut *s.rows)?;
                 self.stats.busy += t0.elapsed();
                 self.stats.micro_batches += 1;
                 continue;
@@ -297,15 +290,8 @@ impl<T: Transport> LogitsEval for Driver<'_, T> {
         rows: &mut dyn Rows,
     ) -> Result<()> {
         check_scored_rows(tokens.len(), first, targets.len())?;
-        if let Some(&t) = targets
-            .iter()
-            .find(|&&t| t as usize >= self.model.config.n_vocab)
-        {
-            return Err(Error::Invalid(format!(
-                "target token {t} is outside the vocabulary of {}",
-                self.model.config.n_vocab
-            )));
-        }
+        // Checked here too, so that a bad target fails on stage 0 before any stage runs.
+        check_targets(self.model.config.n_vocab, targets)?;
         self.logits = Vec::new();
         let score = Scoring {
             how,
