@@ -93,26 +93,29 @@ macro_rules! q8_kernels {
                     }
                 }};
             }
-            match ty {
-                GgmlType::Q4_0 => rows_by_tokens!(q4_0),
-                // Decode: one token, four rows at a time.
-                GgmlType::Q4_1 if xs.len() == 1 => {
+            // Decode (one token): four rows at a time, then the rows left over one by one.
+            macro_rules! four_rows_then_tail {
+                ($rows4:ident, $one:ident) => {{
                     let four = w.len() / row_bytes / 4 * 4;
+                    let mut res = [0.0f32; 4];
                     for r in (0..four).step_by(4) {
-                        let mut res = [0.0f32; 4];
-                        q4_1_rows4(w.as_ptr().add(r * row_bytes), row_bytes, &xs[0], &mut res);
+                        $rows4(w.as_ptr().add(r * row_bytes), row_bytes, &xs[0], &mut res);
                         for (i, &v) in res.iter().enumerate() {
                             *out.add(r + i) = v;
                         }
                     }
-                    let mut res = [0.0f32; 4];
                     let tail = w.get_unchecked(four * row_bytes..);
                     for (i, wr) in tail.chunks_exact(row_bytes).enumerate() {
-                        q4_1::<1>(wr, xs, &mut res);
+                        $one::<1>(wr, xs, &mut res);
                         *out.add(four + i) = res[0];
                     }
-                }
+                }};
+            }
+            match ty {
+                GgmlType::Q4_0 => rows_by_tokens!(q4_0),
+                GgmlType::Q4_1 if xs.len() == 1 => four_rows_then_tail!(q4_1_rows4, q4_1),
                 GgmlType::Q4_1 => rows_by_tokens!(q4_1),
+                GgmlType::Q8_0 if xs.len() == 1 => four_rows_then_tail!(q8_0_rows4, q8_0),
                 GgmlType::Q8_0 => rows_by_tokens!(q8_0),
                 other => unreachable!("no 8-bit-activation kernel for {other}"),
             }
@@ -170,6 +173,31 @@ macro_rules! q8_kernels {
             }
             for r in 0..4 {
                 out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
+            }
+        }
+
+        /// Four consecutive Q8_0 rows (from `w`, `row_bytes` apart) times one token: the
+        /// activation block and its scale are loaded once for the four rows, whose accumulation
+        /// chains run side by side. Each block's scale is `d · x.d` in f32, as in the reference.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn q8_0_rows4(w: *const u8, row_bytes: usize, x: &Q8Row, out: &mut [f32; 4]) {
+            let nb = x.d.len();
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b in 0..nb {
+                let xv = load_x(x, b);
+                let xd = _mm256_set1_ps(*x.d.get_unchecked(b));
+                for r in 0..4 {
+                    let blk = w.add(r * row_bytes + b * 34);
+                    let d = _mm256_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()));
+                    let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    // u8 × i8 products need one unsigned operand: |w|, with w's sign moved onto x.
+                    let p = dot_u8_i8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                    acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(d, xd), acc[r]);
+                }
+            }
+            for r in 0..4 {
+                out[r] = hsum(acc[r]);
             }
         }
 
