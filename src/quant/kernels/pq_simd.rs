@@ -149,6 +149,11 @@ macro_rules! pq_kernels {
             group_sums(xs_for_sums, G, |sums| {
                 let mut res = [0.0f32; 4];
                 for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
+                    // Fetch the row after next while this one computes (see `q4_1_rows4`).
+                    let ahead = wr.as_ptr().wrapping_add(2 * row_bytes);
+                    for off in (0..row_bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
+                    }
                     let mut t0 = 0;
                     while t0 < xs.len() {
                         let k = (xs.len() - t0).min(4);
