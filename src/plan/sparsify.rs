@@ -24,16 +24,17 @@
 //!
 //! # The sparsified file
 //! Every tensor of the source is copied as stored (so the dense model is exactly the source's),
-//! and each layer gains input-major copies of its FFN, neurons permuted, in a format pare computes
-//! sparse products on:
-//! - `blk.N.ffn_gate_up_im.weight`: `n_embd` rows of `2·n_ff` (row `i`: what input `i` adds to
-//!   every gate output, then to every up output);
-//! - `blk.N.ffn_down_im.weight`: `n_ff` rows of `n_embd` (row `k`: neuron `perm[k]`'s column of
-//!   `down`).
+//! and each layer gains exact copies of `ffn_gate`, `ffn_up` and `ffn_down` in the
+//! transposed-group layout ([`crate::quant::transposed`]): the same quantized values, moved so that
+//! each input's codes for every output are contiguous (`blk.N.ffn_gate_tg.weight` etc., stored as
+//! 1-dimensional I8 tensors of bytes; the format and shape are the source tensor's). This needs the
+//! FFN weights in a pq format (every legacy ggml type but Q8_1 is one); other types (K-quants,
+//! floats) are refused with an error that says to convert first.
 //!
-//! Transposing changes which weights share a group scale, so the copies are re-quantized from the
-//! dequantized source (error-minimising search). Metadata (`pare.sparse.*`) is documented in the
-//! README and read by [`crate::model::sparse_ffn`].
+//! The hot-first permutation is stored as metadata only: applying it to the copies would move
+//! `ffn_down`'s inputs across groups (inexact), so the copies keep the source's neuron order and
+//! the first `n_hot` entries of the permutation name the hot set. Metadata (`pare.sparse.*`) is
+//! documented in the README and read by [`crate::model::sparse_ffn`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -46,8 +47,8 @@ use crate::format::gguf_writer::{self, GgufWriter, TensorSpec};
 use crate::model::{Config, Logits, Model, Observer, State};
 use crate::plot::{Chart, Series, Style};
 use crate::quant::matmul::QMatrix;
-use crate::quant::quantize::{can_quantize, quantize_rows, Method, Options};
-use crate::quant::{format, GgmlType};
+use crate::quant::transposed::Layout;
+use crate::quant::{format, GgmlType, Pq};
 
 /// Histogram bins of |value|.
 pub const BINS: usize = 256;
@@ -77,15 +78,16 @@ pub mod keys {
     pub const REFERENCE: &str = "reference";
 }
 
-/// The version of the sparse layout and metadata this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The version of the sparse layout and metadata this build writes and reads (1: re-quantized
+/// input-major copies, no longer read; 2: exact transposed-group copies).
+pub const VERSION: u32 = 2;
 
-/// Tensor names of a layer's input-major copies.
-pub fn gate_up_name(l: usize) -> String {
-    format!("blk.{l}.ffn_gate_up_im.weight")
-}
-pub fn down_name(l: usize) -> String {
-    format!("blk.{l}.ffn_down_im.weight")
+/// The FFN matrices that get a transposed-group copy.
+pub const FFN: [&str; 3] = ["ffn_gate", "ffn_up", "ffn_down"];
+
+/// Tensor name of the transposed-group copy of layer `l`'s matrix `m` (one of [`FFN`]).
+pub fn tg_name(l: usize, m: &str) -> String {
+    format!("blk.{l}.{m}_tg.weight")
 }
 
 /// The histogram bin of |v|.
@@ -461,12 +463,8 @@ impl LayerPlan {
 }
 
 /// Options of [`write_sparsified`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct WriteOptions<'a> {
-    /// Format of the input-major copies (`None`: the source's `ffn_down` type when pare can
-    /// compute sparse products on it).
-    pub format: Option<GgmlType>,
-    pub method: Method,
     pub cancel: Option<&'a AtomicBool>,
 }
 
@@ -475,31 +473,54 @@ pub struct WriteOptions<'a> {
 pub struct WriteReport {
     pub path: PathBuf,
     pub file_bytes: u64,
-    pub format: GgmlType,
+    /// Bytes of the transposed-group copies.
+    pub copy_bytes: u64,
 }
 
-/// The copies' format: the requested one, or the source's ffn_down type.
-fn copy_format(src: &dyn Source, opts: &WriteOptions) -> Result<GgmlType> {
-    let ty = match opts.format {
-        Some(t) => t,
-        None => src
-            .tensors()
-            .iter()
-            .find(|t| t.name == "blk.0.ffn_down.weight")
-            .and_then(|t| t.stored)
-            .map(|t| crate::quant::Pq::of_ggml(t).map_or(t, GgmlType::Pq))
-            .ok_or_else(|| Error::Model(format!("{}: no blk.0.ffn_down.weight", src.describe())))?,
-    };
-    if !can_quantize(ty) || !crate::quant::kernels::sparse::supports(ty) {
-        return Err(Error::Invalid(format!(
-            "sparse FFN copies cannot be {}; choose a pq format with --format (e.g. q4_g32)",
-            format::name(ty)
+/// The layout of the copy of `name` (`n_out` × `n_in` in `src`), or an error naming why there is
+/// none.
+fn copy_layout(src: &dyn Source, name: &str, n_out: usize, n_in: usize) -> Result<Layout> {
+    let t = src
+        .tensors()
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| Error::Model(format!("{}: no {name}", src.describe())))?;
+    if t.dims != [n_in as u64, n_out as u64] {
+        return Err(Error::Model(format!(
+            "{}: {name} has dims {:?}, expected [{n_in}, {n_out}]",
+            src.describe(),
+            t.dims
         )));
     }
-    Ok(ty)
+    let pq = t.stored.and_then(Pq::of_ggml).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: {name} is {}; sparse FFN copies keep the source's quantized values and need a \
+             pq format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q1_0 or pare's qK_gG): convert the model \
+             first (e.g. `pare convert --format q4_1`)",
+            src.describe(),
+            t.stored.map_or("not stored in a ggml type".into(), format::name)
+        ))
+    })?;
+    Layout::new(pq, n_out, n_in)
 }
 
-/// Writes `src` with `plan`'s input-major FFN copies and metadata to `out`, atomically.
+/// `(source name, copy name, layout)` of every copy `src` needs; errors when one cannot be made
+/// (call it before calibrating, to fail early).
+pub fn copies(src: &dyn Source, config: &Config) -> Result<Vec<(String, String, Layout)>> {
+    let (d, ff) = (config.n_embd, config.n_ff);
+    let mut out = Vec::new();
+    for l in 0..config.n_layer {
+        for m in FFN {
+            let (n_out, n_in) = if m == "ffn_down" { (d, ff) } else { (ff, d) };
+            let name = format!("blk.{l}.{m}.weight");
+            let layout = copy_layout(src, &name, n_out, n_in)?;
+            out.push((name, tg_name(l, m), layout));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `src` with `plan`'s transposed-group FFN copies and metadata to `out`, atomically.
 /// `progress(done, total)` after each layer.
 pub fn write_sparsified(
     src: &dyn Source,
@@ -510,8 +531,9 @@ pub fn write_sparsified(
     opts: &WriteOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<WriteReport> {
-    let (d, ff) = (config.n_embd, config.n_ff);
-    if plan.layers.len() != config.n_layer || plan.layers.iter().any(|l| l.perm.len() != ff) {
+    if plan.layers.len() != config.n_layer
+        || plan.layers.iter().any(|l| l.perm.len() != config.n_ff)
+    {
         return Err(Error::Invalid(
             "the sparsity plan does not match the model's layers".into(),
         ));
@@ -526,9 +548,7 @@ pub fn write_sparsified(
             src.describe()
         )));
     }
-    let base = copy_format(src, opts)?;
-    let gu_ty = format::storage_type(base, 2 * ff);
-    let down_ty = format::storage_type(base, d);
+    let copies = copies(src, config)?;
     let mut specs: Vec<TensorSpec> = src
         .tensors()
         .iter()
@@ -543,16 +563,11 @@ pub fn write_sparsified(
             Ok(TensorSpec::new(t.name.clone(), &t.dims, ty))
         })
         .collect::<Result<_>>()?;
-    for l in 0..config.n_layer {
+    for (_, name, layout) in &copies {
         specs.push(TensorSpec::new(
-            gate_up_name(l),
-            &[2 * ff as u64, d as u64],
-            gu_ty,
-        ));
-        specs.push(TensorSpec::new(
-            down_name(l),
-            &[d as u64, ff as u64],
-            down_ty,
+            name.clone(),
+            &[layout.bytes() as u64],
+            GgmlType::I8,
         ));
     }
     let mut meta = src.metadata();
@@ -560,53 +575,27 @@ pub fn write_sparsified(
         gguf_writer::set(&mut meta, &k, v);
     }
     let mut w = GgufWriter::create(out, &meta, &specs, opts.cancel)?;
-    for t in src.tensors() {
-        let bytes = src
-            .stored_bytes(&t.name)
-            .ok_or_else(|| Error::Model(format!("{}: no data for {:?}", src.describe(), t.name)))?;
-        w.write_tensor(&t.name, bytes)?;
-    }
-    let qopts = Options {
-        method: opts.method,
-        importance: None,
+    let stored = |name: &str| {
+        src.stored_bytes(name)
+            .ok_or_else(|| Error::Model(format!("{}: no data for {name:?}", src.describe())))
     };
-    for (l, lp) in plan.layers.iter().enumerate() {
-        let read = |m: &str| src.read_f32(&format!("blk.{l}.{m}.weight"));
-        let (gate, up, down) = (read("ffn_gate")?, read("ffn_up")?, read("ffn_down")?);
-        if gate.len() != ff * d || up.len() != ff * d || down.len() != ff * d {
-            return Err(Error::Model(format!(
-                "layer {l}: FFN shapes differ from the config"
-            )));
+    for t in src.tensors() {
+        w.write_tensor(&t.name, stored(&t.name)?)?;
+    }
+    let mut copy_bytes = 0;
+    for (k, (name, tg, layout)) in copies.iter().enumerate() {
+        let bytes = layout.from_rows(stored(name)?)?;
+        copy_bytes += bytes.len() as u64;
+        w.write_tensor(tg, &bytes)?;
+        if (k + 1) % FFN.len() == 0 {
+            progress((k + 1) / FFN.len(), config.n_layer);
         }
-        let mut gu = vec![0f32; d * 2 * ff];
-        for (i, row) in gu.chunks_exact_mut(2 * ff).enumerate() {
-            for (k, &j) in lp.perm.iter().enumerate() {
-                row[k] = gate[j as usize * d + i];
-                row[ff + k] = up[j as usize * d + i];
-            }
-        }
-        let mut dn = vec![0f32; ff * d];
-        for (k, row) in dn.chunks_exact_mut(d).enumerate() {
-            let j = lp.perm[k] as usize;
-            for (r, v) in row.iter_mut().enumerate() {
-                *v = down[r * ff + j];
-            }
-        }
-        for (name, ty, x, row_len) in [
-            (gate_up_name(l), gu_ty, &gu, 2 * ff),
-            (down_name(l), down_ty, &dn, d),
-        ] {
-            let mut q = vec![0u8; ty.row_bytes(row_len)? * (x.len() / row_len)];
-            quantize_rows(ty, x, row_len, &qopts, &mut q)?;
-            w.write_tensor(&name, &q)?;
-        }
-        progress(l + 1, plan.layers.len());
     }
     let file_bytes = w.finish()?;
     Ok(WriteReport {
         path: out.to_path_buf(),
         file_bytes,
-        format: base,
+        copy_bytes,
     })
 }
 
