@@ -62,7 +62,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = common.load()?;
     // Fail before calibrating when the copies cannot be made.
     let src = open_source(&a.model)?;
-    sparsify::copies(src.as_ref(), &model.config)?;
+    let shares = sparsify::code_shares(&sparsify::copies(src.as_ref(), &model.config)?);
     let text = std::fs::read_to_string(&a.calib)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.calib.display()))?;
     let tokens = model.tokenizer()?.encode(&text, true, false)?;
@@ -78,7 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "interrupted; nothing written"
     );
     let levels = a.levels.clone().unwrap_or_else(|| DEFAULT_LEVELS.to_vec());
-    let plan = SparsityPlan::new(&stats, a.hot, &levels)?;
+    let plan = SparsityPlan::new(&stats, a.hot, &levels, &shares)?;
     println!(
         "calibrated on {} tokens of {}; hot fraction {}",
         stats.tokens,

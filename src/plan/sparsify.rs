@@ -17,10 +17,14 @@
 //! # Levels
 //! A level S is the fraction of the FFN's weight bytes skipped per token, averaged over the
 //! calibration tokens. Each layer skips S of its `gate`/`up` bytes (inputs with |x| under the
-//! input threshold, the S-quantile of |x|) and S of its `down` bytes (cold neurons with
-//! |activation| under the neuron threshold, the quantile of the cold neurons' |activation| that
-//! leaves S·n_ff of them out per token on average; no threshold when the cold ones are too few).
-//! Thresholds for a grid of levels are stored, so the level is chosen at run time.
+//! input threshold) and S of its `down` bytes (cold neurons with |activation| under the neuron
+//! threshold). Only codes can be skipped: a group's scales are read whenever any of its inputs is
+//! active (nearly always, see [`crate::quant::transposed`]), so to skip S of the bytes a matrix
+//! whose codes are a share `c` of its bytes ([`code_shares`]; 0.8 for Q4_1) skips S/c of its
+//! inputs: the input threshold is the (S/c)-quantile of |x|, the neuron threshold the quantile of
+//! the cold neurons' |activation| that leaves (S/c)·n_ff of them out per token on average (no
+//! threshold when the cold ones are too few). Thresholds for a grid of levels are stored, so the
+//! level is chosen at run time.
 //!
 //! # The sparsified file
 //! Every tensor of the source is copied as stored (so the dense model is exactly the source's),
@@ -271,8 +275,14 @@ pub struct SparsityPlan {
 
 impl SparsityPlan {
     /// The plan for `stats`: `hot_fraction` of the neurons hot, thresholds for each of `levels`
-    /// (increasing, in (0, 1)).
-    pub fn new(stats: &NeuronStats, hot_fraction: f32, levels: &[f32]) -> Result<SparsityPlan> {
+    /// (increasing, in (0, 1)); `shares[l]` is layer `l`'s share of code bytes in gate/up and in
+    /// down ([`code_shares`]).
+    pub fn new(
+        stats: &NeuronStats,
+        hot_fraction: f32,
+        levels: &[f32],
+        shares: &[(f32, f32)],
+    ) -> Result<SparsityPlan> {
         if !(0.0..=1.0).contains(&hot_fraction) {
             return Err(Error::Invalid(format!(
                 "the hot fraction must be between 0 and 1, got {hot_fraction}"
@@ -289,12 +299,23 @@ impl SparsityPlan {
         if stats.tokens == 0 {
             return Err(Error::Invalid("no calibration tokens".into()));
         }
+        if shares.len() != stats.layers.len()
+            || shares
+                .iter()
+                .any(|&(a, b)| !(a > 0.0 && a <= 1.0 && b > 0.0 && b <= 1.0))
+        {
+            return Err(Error::Invalid(format!(
+                "code shares must be in (0, 1], one pair per layer ({}), got {shares:?}",
+                stats.layers.len()
+            )));
+        }
         let n_ff = stats.n_ff;
         let n_hot = ((hot_fraction as f64 * n_ff as f64).round() as usize).min(n_ff);
         let layers = stats
             .layers
             .iter()
-            .map(|ls| {
+            .zip(shares)
+            .map(|(ls, &(share_in, share_dn))| {
                 let mut pooled = vec![0u64; BINS];
                 for j in 0..n_ff {
                     for (p, &c) in pooled.iter_mut().zip(ls.neuron(j)) {
@@ -331,7 +352,7 @@ impl SparsityPlan {
                 LayerPlan {
                     input_thresholds: levels
                         .iter()
-                        .map(|&s| quantile(&ls.input_hist, s as f64))
+                        .map(|&s| quantile(&ls.input_hist, (s / share_in) as f64))
                         .collect(),
                     neuron_thresholds: levels
                         .iter()
@@ -339,7 +360,8 @@ impl SparsityPlan {
                             if n_cold == 0 {
                                 0.0
                             } else {
-                                quantile(&cold, s as f64 * n_ff as f64 / n_cold as f64)
+                                let skip = (s / share_dn) as f64 * n_ff as f64;
+                                quantile(&cold, skip / n_cold as f64)
                             }
                         })
                         .collect(),
@@ -520,6 +542,22 @@ pub fn copies(src: &dyn Source, config: &Config) -> Result<Vec<(String, String, 
     Ok(out)
 }
 
+/// Per layer, the share of the copies' bytes that are codes (the part skipping can save) in gate
+/// and up together, and in down, from [`copies`]' layouts (three per layer).
+pub fn code_shares(copies: &[(String, String, Layout)]) -> Vec<(f32, f32)> {
+    let codes = |l: &Layout| (l.n_in * l.code_row_bytes()) as f32;
+    copies
+        .chunks_exact(FFN.len())
+        .map(|c| {
+            let (g, u, d) = (&c[0].2, &c[1].2, &c[2].2);
+            (
+                (codes(g) + codes(u)) / (g.bytes() + u.bytes()) as f32,
+                codes(d) / d.bytes() as f32,
+            )
+        })
+        .collect()
+}
+
 /// Writes `src` with `plan`'s transposed-group FFN copies and metadata to `out`, atomically.
 /// `progress(done, total)` after each layer.
 pub fn write_sparsified(
@@ -654,13 +692,19 @@ mod tests {
             n_ff,
             layers: vec![ls],
         };
-        let plan = SparsityPlan::new(&stats, 0.25, &[0.25, 0.5]).unwrap();
+        let plan = SparsityPlan::new(&stats, 0.25, &[0.25, 0.5], &[(1.0, 1.0)]).unwrap();
         let lp = &plan.layers[0];
         assert_eq!(lp.perm, vec![7, 6, 5, 4, 3, 2, 1, 0]);
         assert_eq!(lp.n_hot, 2);
         assert!(lp.input_thresholds[0] < 0.6 && lp.input_thresholds[1] < 0.6);
         assert!(lp.neuron_thresholds[0] < 1e-2);
-        assert!(SparsityPlan::new(&stats, 0.25, &[0.5, 0.25]).is_err());
-        assert!(SparsityPlan::new(&stats, 1.5, &[0.5]).is_err());
+        let one = [(1.0, 1.0)];
+        assert!(SparsityPlan::new(&stats, 0.25, &[0.5, 0.25], &one).is_err());
+        assert!(SparsityPlan::new(&stats, 1.5, &[0.5], &one).is_err());
+        assert!(SparsityPlan::new(&stats, 0.25, &[0.5], &[(0.0, 1.0)]).is_err());
+        assert!(SparsityPlan::new(&stats, 0.25, &[0.5], &[]).is_err());
+        // Codes are 4/5 of the bytes: S = 0.4 skips half the inputs.
+        let p = SparsityPlan::new(&stats, 0.25, &[0.4], &[(0.8, 0.8)]).unwrap();
+        assert_eq!(p.layers[0].input_thresholds[0], quantile(&stats.layers[0].input_hist, 0.5));
     }
 }
