@@ -185,7 +185,8 @@ fn sparsity_needs_a_sparsified_model_and_a_calibrated_level() {
     // A sparsified file is not sparsified again.
     let src = open_source(&f.sparse).unwrap();
     let stats = sparsify::collect_stats(&sparse, &f.calib, 64, Some(1), |_, _| {}).unwrap();
-    let plan = SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
+    let plan =
+        SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
     let out = f.sparse.with_extension("again.gguf");
     let opts = WriteOptions::default();
     let e = sparsify::write_sparsified(
@@ -209,7 +210,8 @@ fn float_ffn_weights_are_refused_with_a_clear_error() {
     let original = original(dir.path(), "f16");
     let model = Model::load(&original).unwrap();
     let stats = sparsify::collect_stats(&model, &calibration(), 64, Some(1), |_, _| {}).unwrap();
-    let plan = SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
+    let plan =
+        SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
     let src = open_source(&original).unwrap();
     let out = dir.path().join("out.gguf");
     let e = sparsify::write_sparsified(

@@ -163,17 +163,3 @@ fn every_format_at_the_models_shapes() {
         check(p, 65, 33, 17, 1, 2);
     }
 }
-
-#[test]
-fn the_ggml_types_are_their_pq_twins() {
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-    ] {
-        let p = Pq::of_ggml(ty).unwrap();
-        assert_eq!(ty.row_bytes(576).unwrap(), p.row_bytes(576));
-    }
-}

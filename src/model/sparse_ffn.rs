@@ -146,7 +146,10 @@ impl SparseFfn {
                 let mut hot = vec![false; ff];
                 for v in &perm[..n_hot] {
                     let k = v.as_u64().filter(|&k| (k as usize) < ff).ok_or_else(|| {
-                        Error::Model(format!("{perm_key}: neuron {} outside 0..{ff}", v.summary()))
+                        Error::Model(format!(
+                            "{perm_key}: neuron {} outside 0..{ff}",
+                            v.summary()
+                        ))
                     })?;
                     hot[k as usize] = true;
                 }
@@ -262,12 +265,15 @@ impl SparseFfn {
                 // The dense path's 8-bit activations, restricted to the active inputs.
                 b.q8.quantize(x, 1, d);
                 b.act.build(&b.q8.row(0), d, |j| x[j].abs() > t_in);
-                let mut read = bytes_read(&layer.gate.layout, &b.act)
-                    + bytes_read(&layer.up.layout, &b.act);
+                let mut read =
+                    bytes_read(&layer.gate.layout, &b.act) + bytes_read(&layer.up.layout, &b.act);
                 b.y.clear();
                 b.y.resize(2 * ff, 0.0);
                 let (gate, up) = b.y.split_at_mut(ff);
-                products(&mut [(&layer.gate, &mut *gate), (&layer.up, &mut *up)], &b.act);
+                products(
+                    &mut [(&layer.gate, &mut *gate), (&layer.up, &mut *up)],
+                    &b.act,
+                );
                 ops::swiglu(gate, up);
                 b.q8.quantize(gate, 1, ff);
                 let hot = &layer.hot;
@@ -326,7 +332,11 @@ fn products(jobs: &mut [(&TgMatrix, &mut [f32])], act: &Active) {
     let items: Vec<(usize, std::ops::Range<usize>)> = jobs
         .iter()
         .enumerate()
-        .flat_map(|(i, (w, _))| split(w.layout.n_out, parts).into_iter().map(move |r| (i, r)))
+        .flat_map(|(i, (w, _))| {
+            split(w.layout.n_out, parts)
+                .into_iter()
+                .map(move |r| (i, r))
+        })
         .collect();
     let outs: Vec<(&TgMatrix, DisjointMut)> = jobs
         .iter_mut()

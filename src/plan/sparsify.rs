@@ -520,7 +520,8 @@ fn copy_layout(src: &dyn Source, name: &str, n_out: usize, n_in: usize) -> Resul
              pq format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q1_0 or pare's qK_gG): convert the model \
              first (e.g. `pare convert --format q4_1`)",
             src.describe(),
-            t.stored.map_or("not stored in a ggml type".into(), format::name)
+            t.stored
+                .map_or("not stored in a ggml type".into(), format::name)
         ))
     })?;
     Layout::new(pq, n_out, n_in)
@@ -705,6 +706,9 @@ mod tests {
         assert!(SparsityPlan::new(&stats, 0.25, &[0.5], &[]).is_err());
         // Codes are 4/5 of the bytes: S = 0.4 skips half the inputs.
         let p = SparsityPlan::new(&stats, 0.25, &[0.4], &[(0.8, 0.8)]).unwrap();
-        assert_eq!(p.layers[0].input_thresholds[0], quantile(&stats.layers[0].input_hist, 0.5));
+        assert_eq!(
+            p.layers[0].input_thresholds[0],
+            quantile(&stats.layers[0].input_hist, 0.5)
+        );
     }
 }

@@ -284,7 +284,9 @@ mod tests {
                 assert_eq!(tg.len(), l.bytes());
                 let got = l.dequantize(&tg).unwrap();
                 assert!(
-                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{p} {n_out}x{n_in}"
                 );
                 if n_out % 32 == 0 && n_in % 32 == 0 {

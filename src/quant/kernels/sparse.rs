@@ -269,7 +269,9 @@ mod tests {
 
     #[test]
     fn active_groups_inputs_in_quads() {
-        let qs: Vec<i8> = (0..70).map(|j| if j % 3 == 0 { 0 } else { j as i8 }).collect();
+        let qs: Vec<i8> = (0..70)
+            .map(|j| if j % 3 == 0 { 0 } else { j as i8 })
+            .collect();
         let d = vec![0.5f32; 3];
         let x = Q8Row {
             d: &d,
@@ -278,7 +280,7 @@ mod tests {
             qs: &qs,
         };
         let mut a = Active::default();
-        a.build(&x, 70, |j| j < 40 || j >= 64);
+        a.build(&x, 70, |j| !(40..64).contains(&j));
         // Block 0: 21 nonzero; block 1 (32..40): 5 of 8 nonzero; block 2: 4 of 6.
         assert_eq!(a.n_active, 21 + 5 + 4);
         assert_eq!(a.blocks.len(), 3);

@@ -201,7 +201,11 @@ unsafe fn flush512<const BITS: u32, const SYM: bool>(
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32 * blk) as *const __m256i));
         y[blk] = if SYM {
-            let t = _mm512_fmadd_ps(r[lane], _mm512_set1_ps(ka), _mm512_mul_ps(gq, _mm512_set1_ps(kb)));
+            let t = _mm512_fmadd_ps(
+                r[lane],
+                _mm512_set1_ps(ka),
+                _mm512_mul_ps(gq, _mm512_set1_ps(kb)),
+            );
             _mm512_fmadd_ps(d, t, y[blk])
         } else {
             let m = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(32 * blk) as *const __m256i));
@@ -242,9 +246,8 @@ unsafe fn tile512<const BITS: u32, const SYM: bool>(
         let mut acc = [_mm512_setzero_si512(); 4];
         for k in b.quads.start as usize..b.quads.end as usize {
             let off = offs.get_unchecked(k);
-            let c: [__m512i; 4] = std::array::from_fn(|t| {
-                decode512::<BITS, SYM>(base.add(off[t]), cb, nc)
-            });
+            let c: [__m512i; 4] =
+                std::array::from_fn(|t| decode512::<BITS, SYM>(base.add(off[t]), cb, nc));
             let ab_lo = _mm512_unpacklo_epi8(c[0], c[1]);
             let ab_hi = _mm512_unpackhi_epi8(c[0], c[1]);
             let cd_lo = _mm512_unpacklo_epi8(c[2], c[3]);
