@@ -97,7 +97,7 @@ fn f32_array(g: &Gguf, key: &str, len: usize) -> Result<Vec<f32>> {
 }
 
 impl SparseFfn {
-    /// The sparse FFN a GGUF carries (`pare.sparse.*` metadata and input-major tensors), or
+    /// The sparse FFN a GGUF carries (`pare.sparse.*` metadata and transposed-group tensors), or
     /// `None` when the file was not sparsified.
     pub fn from_gguf(g: &Arc<Gguf>, c: &Config) -> Result<Option<SparseFfn>> {
         let Some(version) = g.get(keys::VERSION) else {
@@ -363,7 +363,7 @@ impl Model {
     }
 
     /// As [`Model::set_sparsity`], but the sparse kernels run even at S = 0 (with every threshold
-    /// 0): for measuring the input-major copies and the kernels against the dense path.
+    /// 0): for measuring the transposed-group copies and the kernels against the dense path.
     pub fn set_sparse_path(&mut self, s: f32) -> Result<()> {
         self.sparse_level(s, true)
     }
