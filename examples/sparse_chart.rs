@@ -2,13 +2,16 @@
 //! one line per model over the sparsity levels.
 //!
 //! Input: a text file of whitespace-separated lines `MODEL S PPL TG_RATIO` (`#` starts a comment).
-//! Usage: `cargo run --release --example sparse_chart -- results.txt out.png`
+//! Usage: `cargo run --release --example sparse_chart -- results.txt out.png ["x-axis label"]`
 
 use pare::plot::{write_png, Chart, Series, Style};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 3, "usage: sparse_chart RESULTS.txt OUT.png");
+    anyhow::ensure!(
+        args.len() == 3 || args.len() == 4,
+        "usage: sparse_chart RESULTS.txt OUT.png [X_LABEL]"
+    );
     let text = std::fs::read_to_string(&args[1])?;
     let mut series: Vec<Series> = Vec::new();
     for line in text.lines().map(str::trim) {
@@ -25,7 +28,10 @@ fn main() -> anyhow::Result<()> {
     }
     let chart = Chart {
         title: "Sparse FFN decode: speed vs perplexity (S = 0, 0.2 .. 0.5)".into(),
-        x_label: "perplexity (WikiText-2 valid, first 4 chunks of 512)".into(),
+        x_label: args
+            .get(3)
+            .cloned()
+            .unwrap_or_else(|| "perplexity (WikiText-2 valid)".into()),
         y_label: "decode speed relative to dense (1-thread CPU time)".into(),
         log_y: false,
         series,

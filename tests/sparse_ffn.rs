@@ -1,16 +1,15 @@
 //! Sparse FFN execution end to end on a small synthetic Llama (scripts/make_synthetic_model.py):
 //! calibrate, sparsify, load, and compare with the unsparsified model.
 //!
-//! With f32 weights the input-major copies are exact (transposing needs no re-quantization), so
-//! the sparse path with every threshold 0 must give the original model's logits up to float
-//! rounding: that checks the neuron permutation, the layout and the kernels together.
+//! The transposed-group copies hold the source's own quantized values, so the sparse path with
+//! every threshold 0 must give the original model's logits (same weights, same 8-bit activations)
+//! up to float summation order: that checks the layout, the hot set and the kernels together.
 
 mod common;
 
 use pare::convert::open_source;
 use pare::model::{Logits, Model, State};
 use pare::plan::sparsify::{self, SparsityPlan, WriteOptions};
-use pare::quant::quantize::Method;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -19,9 +18,8 @@ struct Fixture {
     calib: Vec<u32>,
 }
 
-fn fixture(ty: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let original = dir.path().join(format!("llama-{ty}.gguf"));
+fn original(dir: &std::path::Path, ty: &str) -> std::path::PathBuf {
+    let original = dir.join(format!("llama-{ty}.gguf"));
     common::run_script(
         "make_synthetic_model.py",
         &[
@@ -34,11 +32,23 @@ fn fixture(ty: &str) -> Fixture {
             ty,
         ],
     );
+    original
+}
+
+fn calibration() -> Vec<u32> {
+    (0..256u32).map(|i| (i * 97 + 13) % 256).collect()
+}
+
+fn fixture(ty: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let original = original(dir.path(), ty);
     let model = Model::load(&original).unwrap();
-    let calib: Vec<u32> = (0..256u32).map(|i| (i * 97 + 13) % 256).collect();
+    let calib = calibration();
     let stats = sparsify::collect_stats(&model, &calib, 64, None, |_, _| {}).unwrap();
     assert_eq!(stats.tokens, 256);
-    let plan = SparsityPlan::new(&stats, 0.25, &[0.2, 0.4, 0.6]).unwrap();
+    let src = open_source(&original).unwrap();
+    let shares = sparsify::code_shares(&sparsify::copies(src.as_ref(), &model.config).unwrap());
+    let plan = SparsityPlan::new(&stats, 0.25, &[0.2, 0.4, 0.6], &shares).unwrap();
     // Hot neurons first: frequencies do not increase along the permutation.
     for lp in &plan.layers {
         let f: Vec<f32> = lp.perm.iter().map(|&j| lp.freq[j as usize]).collect();
@@ -48,12 +58,7 @@ fn fixture(ty: &str) -> Fixture {
         assert_eq!(sorted, (0..lp.perm.len() as u32).collect::<Vec<_>>());
     }
     let sparse = dir.path().join(format!("llama-{ty}.sparse.gguf"));
-    let src = open_source(&original).unwrap();
-    let opts = WriteOptions {
-        format: None,
-        method: Method::Search,
-        cancel: None,
-    };
+    let opts = WriteOptions::default();
     sparsify::write_sparsified(
         src.as_ref(),
         &model.config,
@@ -93,33 +98,46 @@ const PROMPT: [u32; 24] = [
 
 #[test]
 fn sparse_path_at_zero_equals_the_original_model() {
-    let f = fixture("f32");
-    let mut original = Model::load(&f.original).unwrap();
-    original.exact_activations = true;
+    let f = fixture("q8_0");
+    let original = Model::load(&f.original).unwrap();
     let want = decode(&original, &PROMPT);
 
     let mut sparse = Model::load(&f.sparse).unwrap();
     assert!(sparse.sparse.is_some());
     // Dense (S = 0): the source's own tensors, bit for bit.
-    sparse.exact_activations = true;
     sparse.set_sparsity(0.0).unwrap();
     assert_eq!(decode(&sparse, &PROMPT), want);
-    // The sparse kernels on the permuted input-major copies, nothing skipped.
+    // The sparse kernels on the transposed-group copies, nothing skipped.
     sparse.set_sparse_path(0.0).unwrap();
     let got = decode(&sparse, &PROMPT);
-    let d = max_rel_diff(&got, &want);
-    assert!(d < 1e-4, "sparse path at S = 0 differs from dense by {d}");
+    if pare::quant::kernels::isa() == pare::quant::kernels::Isa::Scalar {
+        // Same weights, same 8-bit activations, and the scalar paths sum in the same order.
+        assert_eq!(got, want);
+    }
+    // The SIMD paths sum in another order than the dense kernels; now and then that moves an
+    // activation across an 8-bit rounding boundary, which changes that token's logits by about
+    // 1% (measured: 5 of 24 tokens at 0.5-1.2%, the others bit-identical). A wrong layout or
+    // kernel changes every token by far more.
+    let per: Vec<f32> = (0..got.len())
+        .map(|t| max_rel_diff(&got[t..t + 1], &want[t..t + 1]))
+        .collect();
+    let close = per.iter().filter(|&&d| d < 1e-4).count();
+    assert!(
+        close * 2 >= per.len() && per.iter().all(|&d| d < 0.05),
+        "sparse path at S = 0 differs from dense: {per:?}"
+    );
     let st = sparse.sparse.as_ref().unwrap().stats();
     assert_eq!(
         st.token_layers,
         (PROMPT.len() * sparse.config.n_layer) as u64
     );
-    assert!(st.sparsity() < 0.01, "{}", st.sparsity());
+    // Only inputs whose 8-bit activation is 0 are skipped (they contribute nothing).
+    assert!(st.sparsity() < 0.05, "{}", st.sparsity());
 }
 
 #[test]
 fn levels_skip_what_they_promise_and_change_the_output_gradually() {
-    let f = fixture("f32");
+    let f = fixture("q8_0");
     let mut model = Model::load(&f.sparse).unwrap();
     let dense = {
         model.set_sparse_path(0.0).unwrap();
@@ -153,7 +171,7 @@ fn levels_skip_what_they_promise_and_change_the_output_gradually() {
 
 #[test]
 fn sparsity_needs_a_sparsified_model_and_a_calibrated_level() {
-    let f = fixture("f16");
+    let f = fixture("q8_0");
     let mut original = Model::load(&f.original).unwrap();
     original.set_sparsity(0.0).unwrap();
     let e = original.set_sparsity(0.3).unwrap_err().to_string();
@@ -167,13 +185,10 @@ fn sparsity_needs_a_sparsified_model_and_a_calibrated_level() {
     // A sparsified file is not sparsified again.
     let src = open_source(&f.sparse).unwrap();
     let stats = sparsify::collect_stats(&sparse, &f.calib, 64, Some(1), |_, _| {}).unwrap();
-    let plan = SparsityPlan::new(&stats, 0.1, &[0.5]).unwrap();
+    let plan =
+        SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
     let out = f.sparse.with_extension("again.gguf");
-    let opts = WriteOptions {
-        format: None,
-        method: Method::Rtn,
-        cancel: None,
-    };
+    let opts = WriteOptions::default();
     let e = sparsify::write_sparsified(
         src.as_ref(),
         &sparse.config,
@@ -187,4 +202,48 @@ fn sparsity_needs_a_sparsified_model_and_a_calibrated_level() {
     .to_string();
     assert!(e.contains("already sparsified"), "{e}");
     assert!(!out.exists());
+}
+
+#[test]
+fn float_ffn_weights_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = original(dir.path(), "f16");
+    let model = Model::load(&original).unwrap();
+    let stats = sparsify::collect_stats(&model, &calibration(), 64, Some(1), |_, _| {}).unwrap();
+    let plan =
+        SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
+    let src = open_source(&original).unwrap();
+    let out = dir.path().join("out.gguf");
+    let e = sparsify::write_sparsified(
+        src.as_ref(),
+        &model.config,
+        &plan,
+        "",
+        &out,
+        &WriteOptions::default(),
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("pq format") && e.contains("pare convert"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_file_of_the_old_layout_names_pare_sparsify() {
+    let f = fixture("q8_0");
+    // Rewrite the version key in place: 2 → 1 (the re-quantized layout).
+    let mut bytes = std::fs::read(&f.sparse).unwrap();
+    let key = b"pare.sparse.version";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // Value type (u32 = 4) then the value.
+    assert_eq!(&bytes[at..at + 8], &[4, 0, 0, 0, 2, 0, 0, 0]);
+    bytes[at + 4] = 1;
+    let old = f.sparse.with_extension("v1.gguf");
+    std::fs::write(&old, &bytes).unwrap();
+    let e = match Model::load(&old) {
+        Ok(_) => panic!("a layout-1 file loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("pare sparsify"), "{e}");
 }

@@ -1,12 +1,15 @@
-//! The sparse-input product (`y += Σ a·W[i]` over active input rows) on every instruction set the
-//! CPU supports equals the scalar reference, and the reference equals an f64 sum over the
-//! dequantized rows; for every pq format, the float types, row lengths that are not multiples of
-//! the group or of 32, every column range a split can give, and no / all / some rows active.
+//! The sparse-input product on transposed-group matrices: every instruction set the CPU supports
+//! equals the scalar reference, and the reference equals an f64 sum of the active 8-bit
+//! activations times the dequantized weights, for every pq format, output and input counts that
+//! are not multiples of 32 or of the group (tails), every output range a split can give, and no /
+//! all / some inputs active.
 
-use pare::quant::dequant::dequantize_row;
-use pare::quant::kernels::sparse::{axpy_rows, axpy_rows_reference, Rows};
+use pare::quant::activation::Q8Acts;
+use pare::quant::kernels::sparse::{bytes_read, product, product_reference, split, Active};
 use pare::quant::kernels::Isa;
+use pare::quant::matmul::WeightBytes;
 use pare::quant::quantize::{quantize_row, Method, Options};
+use pare::quant::transposed::{Layout, TgMatrix};
 use pare::quant::{GgmlType, Pq};
 use proptest::prelude::*;
 
@@ -22,137 +25,141 @@ fn lcg(seed: u64) -> impl FnMut() -> f32 {
     }
 }
 
-/// `rows` rows of `cols` weights quantized to `ty`: random values with varied magnitudes per row,
-/// one all-zero row and one row of a constant (a zero scale with a minimum).
-fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+/// A transposed-group matrix of `n_out` × `n_in` weights in `p`, made from row-major rows as
+/// `pare sparsify` does: random values with varied magnitudes per row, one all-zero row and one
+/// row of a constant (a zero scale with a minimum).
+fn matrix(p: Pq, n_out: usize, n_in: usize, seed: u64) -> TgMatrix {
     let mut next = lcg(seed);
-    let rb = ty.row_bytes(cols).unwrap();
-    let mut out = vec![0u8; rows * rb];
+    let rb = p.row_bytes(n_in);
+    let mut rows = vec![0u8; n_out * rb];
     let opts = Options {
         method: Method::Rtn,
         importance: None,
     };
-    for (r, o) in out.chunks_exact_mut(rb).enumerate() {
+    for (r, o) in rows.chunks_exact_mut(rb).enumerate() {
         let mag = [1.0, 0.01, 30.0][r % 3];
-        let x: Vec<f32> = (0..cols)
+        let x: Vec<f32> = (0..n_in)
             .map(|_| match r {
                 0 => 0.0,
                 1 => 0.75,
                 _ => next() * mag,
             })
             .collect();
-        quantize_row(ty, &x, &opts, o).unwrap();
+        quantize_row(GgmlType::Pq(p), &x, &opts, o).unwrap();
     }
-    out
+    let layout = Layout::new(p, n_out, n_in).unwrap();
+    let bytes = layout.from_rows(&rows).unwrap();
+    TgMatrix::new("test", layout, WeightBytes::from_vec(bytes)).unwrap()
 }
 
-fn types() -> Vec<GgmlType> {
-    let mut v: Vec<GgmlType> = Pq::all().map(GgmlType::Pq).collect();
-    v.extend([
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-    ]);
-    v
-}
-
-/// The f64 truth and the sum of |terms| (the scale of the rounding error) per output.
-fn truth(w: &Rows, active: &[(u32, f32)], cols: std::ops::Range<usize>) -> (Vec<f64>, Vec<f64>) {
-    let mut row = vec![0.0f32; w.cols];
-    let (mut y, mut mag) = (vec![0.0f64; cols.len()], vec![0.0f64; cols.len()]);
-    for &(i, a) in active {
-        dequantize_row(w.ty, w.row(i as usize), &mut row).unwrap();
-        for (k, j) in cols.clone().enumerate() {
-            let t = a as f64 * row[j] as f64;
-            y[k] += t;
-            mag[k] += t.abs();
+/// The f64 truth and the sum of |terms| (the scale of the rounding error) per output in `outs`.
+fn truth(
+    w: &TgMatrix,
+    q8: &Q8Acts,
+    act: &Active,
+    outs: std::ops::Range<usize>,
+) -> (Vec<f64>, Vec<f64>) {
+    let l = &w.layout;
+    let dense = l.dequantize(w.bytes()).unwrap();
+    let (mut y, mut mag) = (vec![0.0f64; outs.len()], vec![0.0f64; outs.len()]);
+    let mut seen = std::collections::HashSet::new();
+    for q in &act.quads {
+        for k in 0..4 {
+            let j = q.inputs[k] as usize;
+            // A short quad repeats its last input with q = 0: count each input once.
+            if q.q(k) == 0 || !seen.insert(j) {
+                continue;
+            }
+            let xj = q8.d[j / 32] as f64 * q8.qs[j] as f64;
+            for (t, o) in outs.clone().enumerate() {
+                let v = xj * dense[o * l.n_in + j] as f64;
+                y[t] += v;
+                mag[t] += v.abs();
+            }
         }
     }
     (y, mag)
 }
 
-fn check(ty: GgmlType, rows: usize, cols: usize, seed: u64, which: u8, parts: usize) {
-    // ggml's own block types hold whole blocks only.
-    let cols = if matches!(ty, GgmlType::Pq(_)) || ty.block_size() == 1 {
-        cols
-    } else {
-        cols.next_multiple_of(ty.block_size())
-    };
-    let bytes = matrix(ty, rows, cols, seed);
-    let w = Rows::new(ty, &bytes, rows, cols).unwrap();
+fn check(p: Pq, n_out: usize, n_in: usize, seed: u64, which: u8, parts: usize) {
+    let w = matrix(p, n_out, n_in, seed);
     let mut next = lcg(seed ^ 0x5eed);
-    let active: Vec<(u32, f32)> = match which {
-        0 => Vec::new(),
-        1 => (0..rows as u32).map(|i| (i, next() * 3.0)).collect(),
-        _ => (0..rows as u32)
-            .filter_map(|i| {
-                let keep = next() > 0.2;
-                let a = next() * 0.5;
-                keep.then_some((i, a))
-            })
-            .collect(),
-    };
-    for cols_r in w.split(parts) {
-        let (want, mag) = truth(&w, &active, cols_r.clone());
-        let mut reference = vec![0.5f32; cols_r.len()];
-        axpy_rows_reference(&w, &active, cols_r.clone(), &mut reference);
-        for (k, (&r, (&t, &m))) in reference.iter().zip(want.iter().zip(&mag)).enumerate() {
-            // The product is added to what y held (0.5 here).
-            let err = (r as f64 - 0.5 - t).abs();
+    let x: Vec<f32> = (0..n_in).map(|_| next() * 3.0).collect();
+    let mut q8 = Q8Acts::default();
+    q8.quantize(&x, 1, n_in);
+    let mut act = Active::default();
+    // none, all, or inputs with |x| above a threshold.
+    act.build(&q8.row(0), n_in, |j| match which {
+        0 => false,
+        1 => true,
+        _ => x[j].abs() > 1.2,
+    });
+    if which == 0 {
+        assert_eq!(act.n_active, 0);
+        assert_eq!(bytes_read(&w.layout, &act), 0);
+    }
+    if which == 1 {
+        let nonzero = q8.qs[..n_in].iter().filter(|&&q| q != 0).count();
+        assert_eq!(act.n_active, nonzero);
+    }
+    assert!(bytes_read(&w.layout, &act) <= w.layout.bytes());
+    for outs in split(n_out, parts) {
+        let mut want = vec![f32::NAN; outs.len()];
+        product_reference(&w, &act, outs.clone(), &mut want);
+        let (t, mag) = truth(&w, &q8, &act, outs.clone());
+        for k in 0..outs.len() {
+            let tol = 1e-5 * mag[k] + 1e-30;
             assert!(
-                err <= 1e-5 * (m + 1.0),
-                "{ty} reference col {k}: {r} vs {t} (+0.5)"
+                (want[k] as f64 - t[k]).abs() <= tol,
+                "{p} {n_out}x{n_in} reference vs f64 at {}: {} vs {}",
+                outs.start + k,
+                want[k],
+                t[k]
             );
         }
         for isa in Isa::supported() {
-            let mut y = vec![0.5f32; cols_r.len()];
-            axpy_rows(isa, &w, &active, cols_r.clone(), &mut y);
-            for (k, ((&a, &r), &m)) in y.iter().zip(&reference).zip(&mag).enumerate() {
+            let mut got = vec![f32::NAN; outs.len()];
+            product(isa, &w, &act, outs.clone(), &mut got);
+            for k in 0..outs.len() {
+                let tol = 1e-5 * mag[k] + 1e-30;
                 assert!(
-                    ((a - r) as f64).abs() <= 1e-5 * (m + 1.0),
-                    "{ty} {} rows {rows} cols {cols} range {cols_r:?} col {k}: {a} vs reference {r}",
-                    isa.name()
+                    (got[k] - want[k]).abs() as f64 <= tol,
+                    "{} {p} {n_out}x{n_in} outs {outs:?} which {which} at {}: {} vs {}",
+                    isa.name(),
+                    outs.start + k,
+                    got[k],
+                    want[k]
                 );
             }
         }
     }
 }
 
-#[test]
-fn every_type_none_all_and_some_active() {
-    for ty in types() {
-        for cols in [32, 64, 96, 576, 200, 1] {
-            for which in 0..3 {
-                check(ty, 9, cols, cols as u64 * 7 + which as u64, which, 3);
-            }
-        }
-    }
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
     #[test]
-    fn random_shapes_and_splits(
-        t in 0usize..48,
-        rows in 1usize..40,
-        cols in 1usize..700,
+    fn every_path_equals_the_reference(
+        fmt in 0usize..42,
+        n_out in 1usize..200,
+        n_in in 1usize..300,
         seed in any::<u64>(),
         which in 0u8..3,
         parts in 1usize..6,
     ) {
-        let ty = types()[t];
-        check(ty, rows, cols, seed, which, parts);
+        let p = Pq::all().nth(fmt).unwrap();
+        check(p, n_out, n_in, seed, which, parts);
     }
 }
 
 #[test]
-fn bad_shapes_are_errors() {
-    let ty = GgmlType::Q4_1;
-    let bytes = vec![0u8; ty.row_bytes(64).unwrap() * 3];
-    assert!(Rows::new(ty, &bytes, 4, 64).is_err());
-    assert!(Rows::new(GgmlType::Q6K, &bytes, 3, 64).is_err());
-    assert!(Rows::new(ty, &bytes, 3, 64).is_ok());
+fn every_format_at_the_models_shapes() {
+    for p in Pq::all() {
+        for which in 0..3 {
+            check(p, 576, 1536, 7, which, 3);
+        }
+        check(p, 1536, 576, 11, 2, 4);
+        check(p, 64, 64, 13, 1, 1);
+        check(p, 65, 33, 17, 1, 2);
+    }
 }

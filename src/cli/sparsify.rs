@@ -3,8 +3,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use indicatif::{ProgressBar, ProgressStyle};
 use pare::convert::open_source;
 use pare::plan::sparsify::{self, SparsityPlan, WriteOptions, DEFAULT_LEVELS};
-use pare::quant::format;
-use pare::quant::quantize::Method;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,9 +24,6 @@ pub struct Args {
     /// Sparsity levels to calibrate, comma-separated, increasing within (0, 1).
     #[arg(long, value_delimiter = ',')]
     levels: Option<Vec<f32>>,
-    /// Format of the input-major FFN copies (default: the source's ffn_down format).
-    #[arg(long)]
-    format: Option<String>,
     /// Output file; written beside it under a temporary name, then renamed.
     #[arg(short = 'o', long = "output")]
     output: std::path::PathBuf,
@@ -63,9 +58,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sparse_path: false,
         lora: None,
     };
-    let format = a.format.as_deref().map(format::parse).transpose()?;
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
     let model = common.load()?;
+    // Fail before calibrating when the copies cannot be made.
+    let src = open_source(&a.model)?;
+    let shares = sparsify::code_shares(&sparsify::copies(src.as_ref(), &model.config)?);
     let text = std::fs::read_to_string(&a.calib)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.calib.display()))?;
     let tokens = model.tokenizer()?.encode(&text, true, false)?;
@@ -81,7 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "interrupted; nothing written"
     );
     let levels = a.levels.clone().unwrap_or_else(|| DEFAULT_LEVELS.to_vec());
-    let plan = SparsityPlan::new(&stats, a.hot, &levels)?;
+    let plan = SparsityPlan::new(&stats, a.hot, &levels, &shares)?;
     println!(
         "calibrated on {} tokens of {}; hot fraction {}",
         stats.tokens,
@@ -116,10 +113,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let config = model.config.clone();
     drop(model);
-    let src = open_source(&a.model)?;
     let opts = WriteOptions {
-        format,
-        method: Method::Search,
         cancel: Some(&INTERRUPTED),
     };
     let pb = bar("layers");
@@ -143,10 +137,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     pb.finish_and_clear();
     let report = report?;
     println!(
-        "wrote {}: {:.2} MiB, input-major FFN copies in {}",
+        "wrote {}: {:.2} MiB, of which {:.2} MiB exact transposed-group FFN copies",
         report.path.display(),
         report.file_bytes as f64 / (1 << 20) as f64,
-        format::name(report.format)
+        report.copy_bytes as f64 / (1 << 20) as f64
     );
     Ok(())
 }

@@ -1,9 +1,15 @@
 //! Sparse FFN execution on a sparsified model (see [`crate::plan::sparsify`] for how the file is
-//! made): per token, gate/up read only the input-major rows of inputs with |x| above the level's
-//! input threshold, and down reads the rows of the hot neurons (always, without a test) and of the
-//! cold neurons whose |activation| is above the neuron threshold. A skipped input or neuron is a
-//! skipped contiguous run of packed bytes ([`crate::quant::kernels::sparse`]); each product's
-//! outputs are split across the worker threads.
+//! made): per token, gate/up read only the codes of inputs with |x| above the level's input
+//! threshold, and down reads the codes of the hot neurons (always) and of the cold neurons whose
+//! |activation| is above the neuron threshold. The copies are the source's own quantized weights
+//! in the transposed-group layout ([`crate::quant::transposed`]), so with nothing skipped the
+//! sparse path computes the dense model (the same weights and the same 8-bit activations, up to
+//! float summation order). A skipped input or neuron is a skipped contiguous run of codes
+//! ([`crate::quant::kernels::sparse`]); each product's outputs are split across the worker threads.
+//!
+//! Neurons keep their original order: permuting `ffn_down`'s inputs would regroup its weights
+//! under other scales (see [`crate::quant::transposed`]), so the hot neurons are a set, tested with
+//! the threshold in one branch-free pass over the activations that builds the active list.
 //!
 //! The level S (fraction of FFN weight bytes skipped per token on the calibration text) is chosen
 //! at run time: thresholds are interpolated linearly between the stored levels (and S = 0, where
@@ -18,25 +24,28 @@ use std::sync::Arc;
 
 use super::config::Config;
 use super::ops;
-use super::weights::TensorSource;
 use super::Model;
 use crate::error::{Error, Result};
 use crate::format::gguf::Value;
 use crate::format::Gguf;
 use crate::parallel::DisjointMut;
-use crate::plan::sparsify::{down_name, gate_up_name, keys, VERSION};
-use crate::quant::kernels::sparse::{axpy_rows, Rows};
+use crate::plan::sparsify::{keys, tg_name, FFN, VERSION};
+use crate::quant::activation::Q8Acts;
+use crate::quant::kernels::sparse::{bytes_read, product, split, Active};
 use crate::quant::kernels::{self};
-use crate::quant::matmul::QMatrix;
+use crate::quant::matmul::WeightBytes;
+use crate::quant::transposed::{Layout, TgMatrix};
+use crate::quant::Pq;
 
-/// One layer's input-major FFN copies and thresholds.
+/// One layer's transposed-group FFN copies and thresholds.
 #[derive(Debug, Clone)]
 pub struct SparseLayer {
-    /// `n_embd` rows of `2·n_ff`: gate outputs, then up outputs, neurons permuted.
-    pub gate_up: QMatrix,
-    /// `n_ff` rows of `n_embd`, in the same neuron order (hot first).
-    pub down: QMatrix,
-    pub n_hot: usize,
+    /// `ffn_gate`, `ffn_up`, `ffn_down`, transposed.
+    pub gate: TgMatrix,
+    pub up: TgMatrix,
+    pub down: TgMatrix,
+    /// Per neuron: whether it is hot (read whenever its activation is not 0).
+    pub hot: Vec<bool>,
     /// Per stored level.
     pub input_thresholds: Vec<f32>,
     pub neuron_thresholds: Vec<f32>,
@@ -88,7 +97,7 @@ fn f32_array(g: &Gguf, key: &str, len: usize) -> Result<Vec<f32>> {
 }
 
 impl SparseFfn {
-    /// The sparse FFN a GGUF carries (`pare.sparse.*` metadata and input-major tensors), or
+    /// The sparse FFN a GGUF carries (`pare.sparse.*` metadata and transposed-group tensors), or
     /// `None` when the file was not sparsified.
     pub fn from_gguf(g: &Arc<Gguf>, c: &Config) -> Result<Option<SparseFfn>> {
         let Some(version) = g.get(keys::VERSION) else {
@@ -96,7 +105,8 @@ impl SparseFfn {
         };
         if version.as_u64() != Some(VERSION as u64) {
             return Err(Error::Model(format!(
-                "{}: sparse layout version {} (this build reads {VERSION})",
+                "{}: sparse layout version {} (this build reads {VERSION}); run \
+                 `pare sparsify` again on the original model",
                 keys::VERSION,
                 version.summary()
             )));
@@ -127,10 +137,31 @@ impl SparseFfn {
                             keys::layer(l, keys::N_HOT)
                         ))
                     })? as usize;
-                let layer = SparseLayer {
-                    gate_up: g.matrix(&gate_up_name(l), d, 2 * ff)?,
-                    down: g.matrix(&down_name(l), ff, d)?,
-                    n_hot,
+                let perm_key = keys::layer(l, keys::PERMUTATION);
+                let perm = g
+                    .get(&perm_key)
+                    .and_then(Value::as_array)
+                    .filter(|a| a.len() == ff)
+                    .ok_or_else(|| Error::Model(format!("{perm_key}: expected {ff} neurons")))?;
+                let mut hot = vec![false; ff];
+                for v in &perm[..n_hot] {
+                    let k = v.as_u64().filter(|&k| (k as usize) < ff).ok_or_else(|| {
+                        Error::Model(format!(
+                            "{perm_key}: neuron {} outside 0..{ff}",
+                            v.summary()
+                        ))
+                    })?;
+                    hot[k as usize] = true;
+                }
+                let [gate, up, down] = FFN.map(|m| {
+                    let (n_out, n_in) = if m == "ffn_down" { (d, ff) } else { (ff, d) };
+                    tg_matrix(g, l, m, n_out, n_in)
+                });
+                Ok(SparseLayer {
+                    gate: gate?,
+                    up: up?,
+                    down: down?,
+                    hot,
                     input_thresholds: f32_array(
                         g,
                         &keys::layer(l, keys::INPUT_THRESHOLDS),
@@ -141,12 +172,7 @@ impl SparseFfn {
                         &keys::layer(l, keys::NEURON_THRESHOLDS),
                         n_levels,
                     )?,
-                };
-                for m in [&layer.gate_up, &layer.down] {
-                    Rows::new(m.ty, m.bytes(), m.rows, m.cols)
-                        .map_err(|e| Error::Model(format!("{}: {e}", m.name)))?;
-                }
-                Ok(layer)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(SparseFfn {
@@ -229,59 +255,67 @@ impl SparseFfn {
     pub fn forward(&self, l: usize, xn: &[f32], out: &mut [f32]) {
         let layer = &self.layers[l];
         let (t_in, t_neu) = self.active.as_ref().map_or((0.0, 0.0), |a| a.1[l]);
-        let (gu, dn) = (rows(&layer.gate_up), rows(&layer.down));
-        let (d, ff) = (dn.cols, dn.rows);
+        let (d, ff) = (layer.gate.layout.n_in, layer.gate.layout.n_out);
+        let dense: usize = [&layer.gate, &layer.up, &layer.down]
+            .iter()
+            .map(|m| m.layout.bytes())
+            .sum();
         BUFFERS.with_borrow_mut(|b| {
             for (x, o) in xn.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                b.active.clear();
-                b.active.extend(
-                    x.iter()
-                        .enumerate()
-                        .filter(|(_, v)| v.abs() > t_in)
-                        .map(|(i, &v)| (i as u32, v)),
-                );
-                let read_in = b.active.len();
+                // The dense path's 8-bit activations, restricted to the active inputs.
+                b.q8.quantize(x, 1, d);
+                b.act.build(&b.q8.row(0), d, |j| x[j].abs() > t_in);
+                let mut read =
+                    bytes_read(&layer.gate.layout, &b.act) + bytes_read(&layer.up.layout, &b.act);
                 b.y.clear();
                 b.y.resize(2 * ff, 0.0);
-                product(&gu, &b.active, &mut b.y);
                 let (gate, up) = b.y.split_at_mut(ff);
+                products(
+                    &mut [(&layer.gate, &mut *gate), (&layer.up, &mut *up)],
+                    &b.act,
+                );
                 ops::swiglu(gate, up);
-                b.active.clear();
-                // Hot neurons without a test; cold ones above the threshold.
-                b.active.extend(
-                    gate[..layer.n_hot]
-                        .iter()
-                        .enumerate()
-                        .map(|(k, &a)| (k as u32, a)),
-                );
-                b.active.extend(
-                    gate.iter()
-                        .enumerate()
-                        .skip(layer.n_hot)
-                        .filter(|(_, a)| a.abs() > t_neu)
-                        .map(|(k, &a)| (k as u32, a)),
-                );
-                o.fill(0.0);
-                product(&dn, &b.active, o);
+                b.q8.quantize(gate, 1, ff);
+                let hot = &layer.hot;
+                b.act
+                    .build(&b.q8.row(0), ff, |k| hot[k] | (gate[k].abs() > t_neu));
+                read += bytes_read(&layer.down.layout, &b.act);
+                products(&mut [(&layer.down, o)], &b.act);
                 self.token_layers.fetch_add(1, Relaxed);
-                self.bytes_read.fetch_add(
-                    (read_in * gu.row_bytes + b.active.len() * dn.row_bytes) as u64,
-                    Relaxed,
-                );
-                self.bytes_dense
-                    .fetch_add((d * gu.row_bytes + ff * dn.row_bytes) as u64, Relaxed);
+                self.bytes_read.fetch_add(read as u64, Relaxed);
+                self.bytes_dense.fetch_add(dense as u64, Relaxed);
             }
         });
     }
 }
 
-fn rows(m: &QMatrix) -> Rows<'_> {
-    Rows::new(m.ty, m.bytes(), m.rows, m.cols).expect("checked when the model was loaded")
+/// The transposed-group copy of layer `l`'s matrix `m` (`n_out` × `n_in`), in its source's format.
+fn tg_matrix(g: &Arc<Gguf>, l: usize, m: &str, n_out: usize, n_in: usize) -> Result<TgMatrix> {
+    let src = format!("blk.{l}.{m}.weight");
+    let ty = g
+        .tensor(&src)
+        .map(|t| t.ggml_type)
+        .ok_or_else(|| Error::Model(format!("tensor {src:?} is missing")))?;
+    let pq = Pq::of_ggml(ty)
+        .ok_or_else(|| Error::Model(format!("{src}: {ty} has no transposed-group copy")))?;
+    let layout = Layout::new(pq, n_out, n_in)?;
+    let name = tg_name(l, m);
+    let t = g
+        .tensor(&name)
+        .ok_or_else(|| Error::Model(format!("tensor {name:?} is missing")))?;
+    if t.ggml_type != crate::quant::GgmlType::I8 || t.dims.len() != 1 {
+        return Err(Error::Model(format!(
+            "{name}: expected a 1-dimensional I8 tensor of bytes"
+        )));
+    }
+    let bytes = WeightBytes::new(g.clone(), (g.data_offset + t.offset) as usize, t.n_bytes())?;
+    TgMatrix::new(&name, layout, bytes)
 }
 
 #[derive(Default)]
 struct Buffers {
-    active: Vec<(u32, f32)>,
+    q8: Q8Acts,
+    act: Active,
     y: Vec<f32>,
 }
 
@@ -289,17 +323,35 @@ thread_local! {
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
 }
 
-/// `y += Σ a·W[i]` over `active`, the outputs split across the worker threads (two ranges per
-/// thread, so that a thread slowed by another process's load does not hold the others up).
-fn product(w: &Rows, active: &[(u32, f32)], y: &mut [f32]) {
+/// `y = W·x̂` over the active inputs for each `(W, y)` of `jobs` (products of the same
+/// activations), the outputs split across the worker threads in one loop (two ranges per thread
+/// and matrix, so that a thread slowed by another process's load does not hold the others up).
+fn products(jobs: &mut [(&TgMatrix, &mut [f32])], act: &Active) {
     let isa = kernels::isa();
-    let ranges = w.split(2 * crate::parallel::threads());
-    let out = DisjointMut::new(y);
-    crate::parallel::for_each(ranges.len(), &|k| {
-        let r = ranges[k].clone();
-        // SAFETY: the ranges are disjoint and inside `y`, which outlives the loop.
+    let parts = 2 * crate::parallel::threads();
+    let items: Vec<(usize, std::ops::Range<usize>)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (w, _))| {
+            split(w.layout.n_out, parts)
+                .into_iter()
+                .map(move |r| (i, r))
+        })
+        .collect();
+    let outs: Vec<(&TgMatrix, DisjointMut)> = jobs
+        .iter_mut()
+        .map(|(w, y)| {
+            assert_eq!(y.len(), w.layout.n_out);
+            (*w, DisjointMut::new(y))
+        })
+        .collect();
+    crate::parallel::for_each(items.len(), &|k| {
+        let (i, r) = items[k].clone();
+        let (w, out) = outs[i];
+        // SAFETY: the ranges of one matrix are disjoint and inside its `y`, which outlives the
+        // loop.
         let y = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r.start), r.len()) };
-        axpy_rows(isa, w, active, r, y);
+        product(isa, w, act, r, y);
     });
 }
 
@@ -311,7 +363,7 @@ impl Model {
     }
 
     /// As [`Model::set_sparsity`], but the sparse kernels run even at S = 0 (with every threshold
-    /// 0): for measuring the input-major copies and the kernels against the dense path.
+    /// 0): for measuring the transposed-group copies and the kernels against the dense path.
     pub fn set_sparse_path(&mut self, s: f32) -> Result<()> {
         self.sparse_level(s, true)
     }

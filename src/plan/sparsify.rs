@@ -17,23 +17,28 @@
 //! # Levels
 //! A level S is the fraction of the FFN's weight bytes skipped per token, averaged over the
 //! calibration tokens. Each layer skips S of its `gate`/`up` bytes (inputs with |x| under the
-//! input threshold, the S-quantile of |x|) and S of its `down` bytes (cold neurons with
-//! |activation| under the neuron threshold, the quantile of the cold neurons' |activation| that
-//! leaves S·n_ff of them out per token on average; no threshold when the cold ones are too few).
-//! Thresholds for a grid of levels are stored, so the level is chosen at run time.
+//! input threshold) and S of its `down` bytes (cold neurons with |activation| under the neuron
+//! threshold). Only codes can be skipped: a group's scales are read whenever any of its inputs is
+//! active (nearly always, see [`crate::quant::transposed`]), so to skip S of the bytes a matrix
+//! whose codes are a share `c` of its bytes ([`code_shares`]; 0.8 for Q4_1) skips S/c of its
+//! inputs: the input threshold is the (S/c)-quantile of |x|, the neuron threshold the quantile of
+//! the cold neurons' |activation| that leaves (S/c)·n_ff of them out per token on average (no
+//! threshold when the cold ones are too few). Thresholds for a grid of levels are stored, so the
+//! level is chosen at run time.
 //!
 //! # The sparsified file
 //! Every tensor of the source is copied as stored (so the dense model is exactly the source's),
-//! and each layer gains input-major copies of its FFN, neurons permuted, in a format pare computes
-//! sparse products on:
-//! - `blk.N.ffn_gate_up_im.weight`: `n_embd` rows of `2·n_ff` (row `i`: what input `i` adds to
-//!   every gate output, then to every up output);
-//! - `blk.N.ffn_down_im.weight`: `n_ff` rows of `n_embd` (row `k`: neuron `perm[k]`'s column of
-//!   `down`).
+//! and each layer gains exact copies of `ffn_gate`, `ffn_up` and `ffn_down` in the
+//! transposed-group layout ([`crate::quant::transposed`]): the same quantized values, moved so that
+//! each input's codes for every output are contiguous (`blk.N.ffn_gate_tg.weight` etc., stored as
+//! 1-dimensional I8 tensors of bytes; the format and shape are the source tensor's). This needs the
+//! FFN weights in a pq format (every legacy ggml type but Q8_1 is one); other types (K-quants,
+//! floats) are refused with an error that says to convert first.
 //!
-//! Transposing changes which weights share a group scale, so the copies are re-quantized from the
-//! dequantized source (error-minimising search). Metadata (`pare.sparse.*`) is documented in the
-//! README and read by [`crate::model::sparse_ffn`].
+//! The hot-first permutation is stored as metadata only: applying it to the copies would move
+//! `ffn_down`'s inputs across groups (inexact), so the copies keep the source's neuron order and
+//! the first `n_hot` entries of the permutation name the hot set. Metadata (`pare.sparse.*`) is
+//! documented in the README and read by [`crate::model::sparse_ffn`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -46,8 +51,8 @@ use crate::format::gguf_writer::{self, GgufWriter, TensorSpec};
 use crate::model::{Config, Logits, Model, Observer, State};
 use crate::plot::{Chart, Series, Style};
 use crate::quant::matmul::QMatrix;
-use crate::quant::quantize::{can_quantize, quantize_rows, Method, Options};
-use crate::quant::{format, GgmlType};
+use crate::quant::transposed::Layout;
+use crate::quant::{format, GgmlType, Pq};
 
 /// Histogram bins of |value|.
 pub const BINS: usize = 256;
@@ -77,15 +82,16 @@ pub mod keys {
     pub const REFERENCE: &str = "reference";
 }
 
-/// The version of the sparse layout and metadata this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The version of the sparse layout and metadata this build writes and reads (1: re-quantized
+/// input-major copies, no longer read; 2: exact transposed-group copies).
+pub const VERSION: u32 = 2;
 
-/// Tensor names of a layer's input-major copies.
-pub fn gate_up_name(l: usize) -> String {
-    format!("blk.{l}.ffn_gate_up_im.weight")
-}
-pub fn down_name(l: usize) -> String {
-    format!("blk.{l}.ffn_down_im.weight")
+/// The FFN matrices that get a transposed-group copy.
+pub const FFN: [&str; 3] = ["ffn_gate", "ffn_up", "ffn_down"];
+
+/// Tensor name of the transposed-group copy of layer `l`'s matrix `m` (one of [`FFN`]).
+pub fn tg_name(l: usize, m: &str) -> String {
+    format!("blk.{l}.{m}_tg.weight")
 }
 
 /// The histogram bin of |v|.
@@ -269,8 +275,14 @@ pub struct SparsityPlan {
 
 impl SparsityPlan {
     /// The plan for `stats`: `hot_fraction` of the neurons hot, thresholds for each of `levels`
-    /// (increasing, in (0, 1)).
-    pub fn new(stats: &NeuronStats, hot_fraction: f32, levels: &[f32]) -> Result<SparsityPlan> {
+    /// (increasing, in (0, 1)); `shares[l]` is layer `l`'s share of code bytes in gate/up and in
+    /// down ([`code_shares`]).
+    pub fn new(
+        stats: &NeuronStats,
+        hot_fraction: f32,
+        levels: &[f32],
+        shares: &[(f32, f32)],
+    ) -> Result<SparsityPlan> {
         if !(0.0..=1.0).contains(&hot_fraction) {
             return Err(Error::Invalid(format!(
                 "the hot fraction must be between 0 and 1, got {hot_fraction}"
@@ -287,12 +299,23 @@ impl SparsityPlan {
         if stats.tokens == 0 {
             return Err(Error::Invalid("no calibration tokens".into()));
         }
+        if shares.len() != stats.layers.len()
+            || shares
+                .iter()
+                .any(|&(a, b)| !(a > 0.0 && a <= 1.0 && b > 0.0 && b <= 1.0))
+        {
+            return Err(Error::Invalid(format!(
+                "code shares must be in (0, 1], one pair per layer ({}), got {shares:?}",
+                stats.layers.len()
+            )));
+        }
         let n_ff = stats.n_ff;
         let n_hot = ((hot_fraction as f64 * n_ff as f64).round() as usize).min(n_ff);
         let layers = stats
             .layers
             .iter()
-            .map(|ls| {
+            .zip(shares)
+            .map(|(ls, &(share_in, share_dn))| {
                 let mut pooled = vec![0u64; BINS];
                 for j in 0..n_ff {
                     for (p, &c) in pooled.iter_mut().zip(ls.neuron(j)) {
@@ -329,7 +352,7 @@ impl SparsityPlan {
                 LayerPlan {
                     input_thresholds: levels
                         .iter()
-                        .map(|&s| quantile(&ls.input_hist, s as f64))
+                        .map(|&s| quantile(&ls.input_hist, (s / share_in) as f64))
                         .collect(),
                     neuron_thresholds: levels
                         .iter()
@@ -337,7 +360,8 @@ impl SparsityPlan {
                             if n_cold == 0 {
                                 0.0
                             } else {
-                                quantile(&cold, s as f64 * n_ff as f64 / n_cold as f64)
+                                let skip = (s / share_dn) as f64 * n_ff as f64;
+                                quantile(&cold, skip / n_cold as f64)
                             }
                         })
                         .collect(),
@@ -461,12 +485,8 @@ impl LayerPlan {
 }
 
 /// Options of [`write_sparsified`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct WriteOptions<'a> {
-    /// Format of the input-major copies (`None`: the source's `ffn_down` type when pare can
-    /// compute sparse products on it).
-    pub format: Option<GgmlType>,
-    pub method: Method,
     pub cancel: Option<&'a AtomicBool>,
 }
 
@@ -475,31 +495,71 @@ pub struct WriteOptions<'a> {
 pub struct WriteReport {
     pub path: PathBuf,
     pub file_bytes: u64,
-    pub format: GgmlType,
+    /// Bytes of the transposed-group copies.
+    pub copy_bytes: u64,
 }
 
-/// The copies' format: the requested one, or the source's ffn_down type.
-fn copy_format(src: &dyn Source, opts: &WriteOptions) -> Result<GgmlType> {
-    let ty = match opts.format {
-        Some(t) => t,
-        None => src
-            .tensors()
-            .iter()
-            .find(|t| t.name == "blk.0.ffn_down.weight")
-            .and_then(|t| t.stored)
-            .map(|t| crate::quant::Pq::of_ggml(t).map_or(t, GgmlType::Pq))
-            .ok_or_else(|| Error::Model(format!("{}: no blk.0.ffn_down.weight", src.describe())))?,
-    };
-    if !can_quantize(ty) || !crate::quant::kernels::sparse::supports(ty) {
-        return Err(Error::Invalid(format!(
-            "sparse FFN copies cannot be {}; choose a pq format with --format (e.g. q4_g32)",
-            format::name(ty)
+/// The layout of the copy of `name` (`n_out` × `n_in` in `src`), or an error naming why there is
+/// none.
+fn copy_layout(src: &dyn Source, name: &str, n_out: usize, n_in: usize) -> Result<Layout> {
+    let t = src
+        .tensors()
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| Error::Model(format!("{}: no {name}", src.describe())))?;
+    if t.dims != [n_in as u64, n_out as u64] {
+        return Err(Error::Model(format!(
+            "{}: {name} has dims {:?}, expected [{n_in}, {n_out}]",
+            src.describe(),
+            t.dims
         )));
     }
-    Ok(ty)
+    let pq = t.stored.and_then(Pq::of_ggml).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: {name} is {}; sparse FFN copies keep the source's quantized values and need a \
+             pq format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q1_0 or pare's qK_gG): convert the model \
+             first (e.g. `pare convert --format q4_1`)",
+            src.describe(),
+            t.stored
+                .map_or("not stored in a ggml type".into(), format::name)
+        ))
+    })?;
+    Layout::new(pq, n_out, n_in)
 }
 
-/// Writes `src` with `plan`'s input-major FFN copies and metadata to `out`, atomically.
+/// `(source name, copy name, layout)` of every copy `src` needs; errors when one cannot be made
+/// (call it before calibrating, to fail early).
+pub fn copies(src: &dyn Source, config: &Config) -> Result<Vec<(String, String, Layout)>> {
+    let (d, ff) = (config.n_embd, config.n_ff);
+    let mut out = Vec::new();
+    for l in 0..config.n_layer {
+        for m in FFN {
+            let (n_out, n_in) = if m == "ffn_down" { (d, ff) } else { (ff, d) };
+            let name = format!("blk.{l}.{m}.weight");
+            let layout = copy_layout(src, &name, n_out, n_in)?;
+            out.push((name, tg_name(l, m), layout));
+        }
+    }
+    Ok(out)
+}
+
+/// Per layer, the share of the copies' bytes that are codes (the part skipping can save) in gate
+/// and up together, and in down, from [`copies`]' layouts (three per layer).
+pub fn code_shares(copies: &[(String, String, Layout)]) -> Vec<(f32, f32)> {
+    let codes = |l: &Layout| (l.n_in * l.code_row_bytes()) as f32;
+    copies
+        .chunks_exact(FFN.len())
+        .map(|c| {
+            let (g, u, d) = (&c[0].2, &c[1].2, &c[2].2);
+            (
+                (codes(g) + codes(u)) / (g.bytes() + u.bytes()) as f32,
+                codes(d) / d.bytes() as f32,
+            )
+        })
+        .collect()
+}
+
+/// Writes `src` with `plan`'s transposed-group FFN copies and metadata to `out`, atomically.
 /// `progress(done, total)` after each layer.
 pub fn write_sparsified(
     src: &dyn Source,
@@ -510,8 +570,9 @@ pub fn write_sparsified(
     opts: &WriteOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<WriteReport> {
-    let (d, ff) = (config.n_embd, config.n_ff);
-    if plan.layers.len() != config.n_layer || plan.layers.iter().any(|l| l.perm.len() != ff) {
+    if plan.layers.len() != config.n_layer
+        || plan.layers.iter().any(|l| l.perm.len() != config.n_ff)
+    {
         return Err(Error::Invalid(
             "the sparsity plan does not match the model's layers".into(),
         ));
@@ -526,9 +587,7 @@ pub fn write_sparsified(
             src.describe()
         )));
     }
-    let base = copy_format(src, opts)?;
-    let gu_ty = format::storage_type(base, 2 * ff);
-    let down_ty = format::storage_type(base, d);
+    let copies = copies(src, config)?;
     let mut specs: Vec<TensorSpec> = src
         .tensors()
         .iter()
@@ -543,16 +602,11 @@ pub fn write_sparsified(
             Ok(TensorSpec::new(t.name.clone(), &t.dims, ty))
         })
         .collect::<Result<_>>()?;
-    for l in 0..config.n_layer {
+    for (_, name, layout) in &copies {
         specs.push(TensorSpec::new(
-            gate_up_name(l),
-            &[2 * ff as u64, d as u64],
-            gu_ty,
-        ));
-        specs.push(TensorSpec::new(
-            down_name(l),
-            &[d as u64, ff as u64],
-            down_ty,
+            name.clone(),
+            &[layout.bytes() as u64],
+            GgmlType::I8,
         ));
     }
     let mut meta = src.metadata();
@@ -560,53 +614,27 @@ pub fn write_sparsified(
         gguf_writer::set(&mut meta, &k, v);
     }
     let mut w = GgufWriter::create(out, &meta, &specs, opts.cancel)?;
-    for t in src.tensors() {
-        let bytes = src
-            .stored_bytes(&t.name)
-            .ok_or_else(|| Error::Model(format!("{}: no data for {:?}", src.describe(), t.name)))?;
-        w.write_tensor(&t.name, bytes)?;
-    }
-    let qopts = Options {
-        method: opts.method,
-        importance: None,
+    let stored = |name: &str| {
+        src.stored_bytes(name)
+            .ok_or_else(|| Error::Model(format!("{}: no data for {name:?}", src.describe())))
     };
-    for (l, lp) in plan.layers.iter().enumerate() {
-        let read = |m: &str| src.read_f32(&format!("blk.{l}.{m}.weight"));
-        let (gate, up, down) = (read("ffn_gate")?, read("ffn_up")?, read("ffn_down")?);
-        if gate.len() != ff * d || up.len() != ff * d || down.len() != ff * d {
-            return Err(Error::Model(format!(
-                "layer {l}: FFN shapes differ from the config"
-            )));
+    for t in src.tensors() {
+        w.write_tensor(&t.name, stored(&t.name)?)?;
+    }
+    let mut copy_bytes = 0;
+    for (k, (name, tg, layout)) in copies.iter().enumerate() {
+        let bytes = layout.from_rows(stored(name)?)?;
+        copy_bytes += bytes.len() as u64;
+        w.write_tensor(tg, &bytes)?;
+        if (k + 1) % FFN.len() == 0 {
+            progress((k + 1) / FFN.len(), config.n_layer);
         }
-        let mut gu = vec![0f32; d * 2 * ff];
-        for (i, row) in gu.chunks_exact_mut(2 * ff).enumerate() {
-            for (k, &j) in lp.perm.iter().enumerate() {
-                row[k] = gate[j as usize * d + i];
-                row[ff + k] = up[j as usize * d + i];
-            }
-        }
-        let mut dn = vec![0f32; ff * d];
-        for (k, row) in dn.chunks_exact_mut(d).enumerate() {
-            let j = lp.perm[k] as usize;
-            for (r, v) in row.iter_mut().enumerate() {
-                *v = down[r * ff + j];
-            }
-        }
-        for (name, ty, x, row_len) in [
-            (gate_up_name(l), gu_ty, &gu, 2 * ff),
-            (down_name(l), down_ty, &dn, d),
-        ] {
-            let mut q = vec![0u8; ty.row_bytes(row_len)? * (x.len() / row_len)];
-            quantize_rows(ty, x, row_len, &qopts, &mut q)?;
-            w.write_tensor(&name, &q)?;
-        }
-        progress(l + 1, plan.layers.len());
     }
     let file_bytes = w.finish()?;
     Ok(WriteReport {
         path: out.to_path_buf(),
         file_bytes,
-        format: base,
+        copy_bytes,
     })
 }
 
@@ -665,13 +693,22 @@ mod tests {
             n_ff,
             layers: vec![ls],
         };
-        let plan = SparsityPlan::new(&stats, 0.25, &[0.25, 0.5]).unwrap();
+        let plan = SparsityPlan::new(&stats, 0.25, &[0.25, 0.5], &[(1.0, 1.0)]).unwrap();
         let lp = &plan.layers[0];
         assert_eq!(lp.perm, vec![7, 6, 5, 4, 3, 2, 1, 0]);
         assert_eq!(lp.n_hot, 2);
         assert!(lp.input_thresholds[0] < 0.6 && lp.input_thresholds[1] < 0.6);
         assert!(lp.neuron_thresholds[0] < 1e-2);
-        assert!(SparsityPlan::new(&stats, 0.25, &[0.5, 0.25]).is_err());
-        assert!(SparsityPlan::new(&stats, 1.5, &[0.5]).is_err());
+        let one = [(1.0, 1.0)];
+        assert!(SparsityPlan::new(&stats, 0.25, &[0.5, 0.25], &one).is_err());
+        assert!(SparsityPlan::new(&stats, 1.5, &[0.5], &one).is_err());
+        assert!(SparsityPlan::new(&stats, 0.25, &[0.5], &[(0.0, 1.0)]).is_err());
+        assert!(SparsityPlan::new(&stats, 0.25, &[0.5], &[]).is_err());
+        // Codes are 4/5 of the bytes: S = 0.4 skips half the inputs.
+        let p = SparsityPlan::new(&stats, 0.25, &[0.4], &[(0.8, 0.8)]).unwrap();
+        assert_eq!(
+            p.layers[0].input_thresholds[0],
+            quantile(&stats.layers[0].input_hist, 0.5)
+        );
     }
 }

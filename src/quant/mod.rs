@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod matmul;
 pub mod pq;
 pub mod quantize;
+pub mod transposed;
 
 pub use ggml_type::GgmlType;
 pub use pq::Pq;

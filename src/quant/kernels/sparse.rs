@@ -1,134 +1,233 @@
-//! The sparse-input product on input-major weights: `y += Σ_{(i, a) ∈ active} a · W[i]`, where
-//! row `i` of `W` holds the weights that input `i` contributes to every output. Skipping an input
-//! (a near-zero activation) then skips one contiguous run of packed bytes, which is what makes
-//! sparse FFN execution read fewer weight bytes (see `crate::model::sparse_ffn`).
+//! The sparse-input product on a transposed-group matrix ([`crate::quant::transposed`]):
+//! `y[o] = Σ_{j ∈ J} x̂_j · W[o, j]` over the *active* inputs `J` only, where `x̂` are the 8-bit
+//! activations of the dense path (blocks of 32 inputs, `x̂_j = s_b·q_j`, see
+//! [`crate::quant::activation`]). Skipping an input skips its contiguous codes; a group's scales are
+//! read when any of its inputs is active. With every input active this is the dense product of the
+//! same weights and the same 8-bit activations (up to float summation order).
 //!
-//! Each caller computes a range of output columns (its share of the outputs), so one product is
-//! split across threads by columns, every thread reading its part of every active row. A range
-//! starts at a multiple of [`split_unit`] and ends at one or at the row's end, so it holds whole
-//! groups of a pq row.
+//! Per input group `gi` of the weights (scale `d[o, gi]`, minimum `m[o, gi]`, codes `c`), with the
+//! format's affine map `w = A·c + B` ([`affine`]):
+//! `y[o] += A[o, gi] · Σ_{b ∈ gi} s_b · Σ_{j ∈ J ∩ b} q_j·c[o, j]  +  B[o, gi] · Σ_{b ∈ gi} s_b · Σ_{j ∈ J ∩ b} q_j`.
+//! The inner sums are exact integers; scales are applied once per activation block and once per
+//! weight group for every output.
 //!
-//! [`axpy_rows_reference`] is the definition: dequantize the row, multiply, add. The SIMD paths
-//! (`sparse_x86.rs`) decode groups in place and fold each group's offset into one sum per group;
-//! they equal the reference up to float summation order.
+//! [`Active`] holds the active inputs of one activation vector, by block, in quads of four (the
+//! AVX-512 path multiplies four inputs' codes at once with `vpdpbusd`; a short quad is padded with
+//! `q = 0`). [`product_reference`] is the scalar path and the reference; the SIMD paths
+//! (`sparse_x86.rs`) keep a tile of outputs in registers across all active inputs and equal it up
+//! to float rounding.
+//!
+//! Each caller computes a range of outputs (its share: one product is split across threads by
+//! outputs, see [`split`]); a range starts at a multiple of [`TILE`] outputs.
 
 use std::ops::Range;
 
 use super::Isa;
-use crate::error::{Error, Result};
-use crate::quant::dequant::dequantize_row;
-use crate::quant::pq::Pq;
-use crate::quant::GgmlType;
+use crate::quant::activation::{Q8Row, QK8};
+use crate::quant::pq::{Pq, CHUNK};
+use crate::quant::transposed::{Layout, TgMatrix};
 
-/// Weight types the sparse product runs on: every pq format (and the ggml types identical to one)
-/// and the float types.
-pub fn supports(ty: GgmlType) -> bool {
-    Pq::of_ggml(ty).is_some() || matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+/// Outputs per tile of the widest path; ranges of a split start at multiples of it.
+pub const TILE: usize = 64;
+
+/// Four active inputs of one activation block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quad {
+    /// Input indices (a short quad repeats its last input, with `q = 0`).
+    pub inputs: [u32; 4],
+    /// The four 8-bit activations, input `k` in byte `k` (little-endian).
+    pub q: i32,
 }
 
-/// Output ranges start at multiples of this many columns: a pq format's group, else 32.
-pub fn split_unit(ty: GgmlType) -> usize {
-    Pq::of_ggml(ty).map_or(32, |p| p.group as usize)
+impl Quad {
+    pub fn q(&self, k: usize) -> i8 {
+        (self.q >> (8 * k)) as i8
+    }
 }
 
-/// Input-major packed rows: `rows` rows of `cols` weights of type `ty`.
-#[derive(Clone, Copy)]
-pub struct Rows<'a> {
-    pub ty: GgmlType,
-    pub bytes: &'a [u8],
-    pub rows: usize,
-    pub cols: usize,
-    pub row_bytes: usize,
+/// One block of 32 inputs with at least one active input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// Block index: inputs `32·index ..`.
+    pub index: u32,
+    /// The block's activation scale `s_b`.
+    pub d: f32,
+    /// `s_b · Σ q_j` over the block's active inputs.
+    pub qsum: f32,
+    pub quads: Range<u32>,
 }
 
-impl<'a> Rows<'a> {
-    /// Checks that `bytes` holds exactly `rows` rows of `cols` weights of a supported type.
-    pub fn new(ty: GgmlType, bytes: &'a [u8], rows: usize, cols: usize) -> Result<Rows<'a>> {
-        if !supports(ty) {
-            return Err(Error::UnsupportedType(format!(
-                "sparse products run on pq and float weights, not {ty}"
-            )));
+/// The active inputs of one activation vector.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Active {
+    pub n_in: usize,
+    /// Blocks with active inputs, increasing.
+    pub blocks: Vec<Block>,
+    pub quads: Vec<Quad>,
+    /// Active inputs (padding not counted).
+    pub n_active: usize,
+}
+
+impl Active {
+    /// The inputs `j < n_in` for which `keep(j)` holds and whose 8-bit activation is not 0 (a zero
+    /// contributes nothing, so it is skipped whatever `keep` says), reusing buffers.
+    pub fn build(&mut self, x: &Q8Row, n_in: usize, keep: impl Fn(usize) -> bool) {
+        assert!(x.qs.len() >= n_in && x.d.len() >= n_in.div_ceil(QK8));
+        self.n_in = n_in;
+        self.blocks.clear();
+        self.quads.clear();
+        self.n_active = 0;
+        for b in 0..n_in.div_ceil(QK8) {
+            let start = self.quads.len() as u32;
+            let (mut isum, mut k) = (0i32, 0usize);
+            let mut quad = Quad {
+                inputs: [0; 4],
+                q: 0,
+            };
+            for j in b * QK8..((b + 1) * QK8).min(n_in) {
+                let q = x.qs[j];
+                if q == 0 || !keep(j) {
+                    continue;
+                }
+                isum += q as i32;
+                quad.inputs[k] = j as u32;
+                quad.q |= (q as u8 as i32) << (8 * k);
+                k += 1;
+                if k == 4 {
+                    self.quads.push(quad);
+                    quad.q = 0;
+                    k = 0;
+                }
+                self.n_active += 1;
+            }
+            if k > 0 {
+                for t in k..4 {
+                    quad.inputs[t] = quad.inputs[k - 1];
+                }
+                self.quads.push(quad);
+            }
+            let end = self.quads.len() as u32;
+            if end > start {
+                self.blocks.push(Block {
+                    index: b as u32,
+                    d: x.d[b],
+                    qsum: x.d[b] * isum as f32,
+                    quads: start..end,
+                });
+            }
         }
-        let row_bytes = ty.row_bytes(cols)?;
-        if rows.checked_mul(row_bytes) != Some(bytes.len()) {
-            return Err(Error::Invalid(format!(
-                "{} bytes do not hold {rows} rows of {cols} {ty} weights",
-                bytes.len()
-            )));
-        }
-        Ok(Rows {
-            ty,
-            bytes,
-            rows,
-            cols,
-            row_bytes,
+    }
+
+    /// The quads of a block.
+    pub fn quads_of(&self, b: &Block) -> &[Quad] {
+        &self.quads[b.quads.start as usize..b.quads.end as usize]
+    }
+
+    /// Weight groups (of `group` inputs) with an active input, increasing.
+    pub fn groups(&self, group: usize) -> impl Iterator<Item = usize> + '_ {
+        let mut last = usize::MAX;
+        self.blocks.iter().filter_map(move |b| {
+            let gi = b.index as usize * QK8 / group;
+            (gi != last).then(|| {
+                last = gi;
+                gi
+            })
         })
     }
-
-    pub fn row(&self, i: usize) -> &'a [u8] {
-        &self.bytes[i * self.row_bytes..(i + 1) * self.row_bytes]
-    }
-
-    /// Splits the columns into at most `parts` ranges of whole split units, as even as possible.
-    pub fn split(&self, parts: usize) -> Vec<Range<usize>> {
-        let unit = split_unit(self.ty);
-        let units = self.cols.div_ceil(unit);
-        let parts = parts.clamp(1, units.max(1));
-        (0..parts)
-            .map(|k| {
-                let (a, b) = (units * k / parts, units * (k + 1) / parts);
-                (a * unit).min(self.cols)..(b * unit).min(self.cols)
-            })
-            .filter(|r| !r.is_empty())
-            .collect()
-    }
-
-    fn check(&self, active: &[(u32, f32)], cols: &Range<usize>, y: &[f32]) {
-        let unit = split_unit(self.ty);
-        assert!(
-            cols.start.is_multiple_of(unit)
-                && (cols.end.is_multiple_of(unit) || cols.end == self.cols)
-                && cols.start <= cols.end
-                && cols.end <= self.cols,
-            "column range {cols:?} is not made of whole groups of {unit} in {}",
-            self.cols
-        );
-        assert_eq!(y.len(), cols.len(), "output length");
-        assert!(
-            active.iter().all(|&(i, _)| (i as usize) < self.rows),
-            "active row out of range"
-        );
-    }
 }
 
-/// The scalar reference: for every active `(i, a)`, `y[j - cols.start] += a · W[i][j]` for `j` in
-/// `cols`, with row `i` dequantized whole.
-pub fn axpy_rows_reference(w: &Rows, active: &[(u32, f32)], cols: Range<usize>, y: &mut [f32]) {
-    w.check(active, &cols, y);
-    let mut row = vec![0.0f32; w.cols];
-    for &(i, a) in active {
-        dequantize_row(w.ty, w.row(i as usize), &mut row)
-            .expect("the type was checked when the rows were made");
-        for (yj, &wj) in y.iter_mut().zip(&row[cols.clone()]) {
-            *yj += a * wj;
+/// Weight bytes a product over `act` reads from `l` (every output): the scales of each group with
+/// an active input and the codes of each active input.
+pub fn bytes_read(l: &Layout, act: &Active) -> usize {
+    act.groups(l.group()).count() * l.scale_bytes() + act.n_active * l.code_row_bytes()
+}
+
+/// Splits `n_out` outputs into at most `parts` ranges of whole tiles, as even as possible.
+pub fn split(n_out: usize, parts: usize) -> Vec<Range<usize>> {
+    let tiles = n_out.div_ceil(TILE);
+    let parts = parts.clamp(1, tiles.max(1));
+    (0..parts)
+        .map(|k| {
+            let (a, b) = (tiles * k / parts, tiles * (k + 1) / parts);
+            (a * TILE).min(n_out)..(b * TILE).min(n_out)
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+fn check(w: &TgMatrix, act: &Active, outs: &Range<usize>, y: &[f32]) {
+    let l = &w.layout;
+    assert!(
+        outs.start.is_multiple_of(CHUNK) && outs.start <= outs.end && outs.end <= l.n_out,
+        "output range {outs:?} does not start at a chunk of 32 in {}",
+        l.n_out
+    );
+    assert_eq!(y.len(), outs.len(), "output length");
+    assert_eq!(act.n_in, l.n_in, "activations for {} inputs", l.n_in);
+}
+
+/// The scalar path and reference: `y[o - outs.start] = Σ_{j active} x̂_j · W[o, j]` for `o` in
+/// `outs`, summed as the module docs say (exact integer sums per block).
+pub fn product_reference(w: &TgMatrix, act: &Active, outs: Range<usize>, y: &mut [f32]) {
+    check(w, act, &outs, y);
+    let l = &w.layout;
+    let p = l.pq;
+    let tg = w.bytes();
+    let cb = p.chunk_bytes();
+    let (ka, kb) = affine(p, 1.0, 0.0);
+    let n = outs.len();
+    let (mut gacc, mut iacc) = (vec![0f32; n], vec![0i32; n]);
+    let mut codes = [0u8; CHUNK];
+    y.fill(0.0);
+    let mut blocks = act.blocks.iter().peekable();
+    while let Some(first) = blocks.peek() {
+        let gi = first.index as usize * QK8 / l.group();
+        gacc.fill(0.0);
+        let mut gq = 0.0f32;
+        while let Some(b) = blocks.next_if(|b| b.index as usize * QK8 / l.group() == gi) {
+            iacc.fill(0);
+            for quad in act.quads_of(b) {
+                for k in 0..4 {
+                    let (j, q) = (quad.inputs[k] as usize, quad.q(k) as i32);
+                    for oc in outs.start / CHUNK..outs.end.div_ceil(CHUNK) {
+                        let at = l.code_offset(j) + oc * cb;
+                        p.unpack_chunk(&tg[at..at + cb], &mut codes);
+                        for (t, &c) in codes.iter().enumerate() {
+                            if let Some(a) = iacc.get_mut(oc * CHUNK + t - outs.start) {
+                                *a += q * c as i32;
+                            }
+                        }
+                    }
+                }
+            }
+            for (g, &i) in gacc.iter_mut().zip(&iacc) {
+                *g += b.d * i as f32;
+            }
+            gq += b.qsum;
+        }
+        for (k, yo) in y.iter_mut().enumerate() {
+            let (d, m) = l.scale(tg, gi, outs.start + k);
+            *yo += if p.sym {
+                d * (ka * gacc[k] + kb * gq)
+            } else {
+                d * gacc[k] + m * gq
+            };
         }
     }
 }
 
-/// `y[j - cols.start] += Σ_{(i, a) ∈ active} a · W[i][j]` for `j` in `cols`, on the given
-/// instruction set (the scalar path is the reference).
-pub fn axpy_rows(isa: Isa, w: &Rows, active: &[(u32, f32)], cols: Range<usize>, y: &mut [f32]) {
-    w.check(active, &cols, y);
-    match (isa, Pq::of_ggml(w.ty)) {
+/// `y[o - outs.start] = Σ_{j active} x̂_j · W[o, j]` for `o` in `outs`, on the given instruction
+/// set (the scalar path is the reference).
+pub fn product(isa: Isa, w: &TgMatrix, act: &Active, outs: Range<usize>, y: &mut [f32]) {
+    check(w, act, &outs, y);
+    match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` names only instruction sets the CPU has (see `kernels::isa`); the ranges
         // were checked above.
-        (Isa::Avx512, Some(p)) => unsafe {
-            super::sparse_x86::axpy_pq_avx512(p, w, active, cols, y)
-        },
+        Isa::Avx512 => unsafe { super::sparse_x86::product_avx512(w, act, outs, y) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, Some(p)) => unsafe { super::sparse_x86::axpy_pq_avx2(p, w, active, cols, y) },
-        _ => axpy_rows_reference(w, active, cols, y),
+        Isa::Avx2 => unsafe { super::sparse_x86::product_avx2(w, act, outs, y) },
+        _ => product_reference(w, act, outs, y),
     }
 }
 
@@ -149,13 +248,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn split_keeps_whole_groups() {
-        let bytes = vec![0u8; Pq::parse("q3_g128").unwrap().row_bytes(576) * 3];
-        let ty = GgmlType::Pq(Pq::parse("q3_g128").unwrap());
-        let w = Rows::new(ty, &bytes, 3, 576).unwrap();
-        assert_eq!(w.split(2), vec![0..256, 256..576]);
-        assert_eq!(w.split(100).len(), 5);
-        assert_eq!(w.split(100).last(), Some(&(512..576)));
+    fn split_keeps_whole_tiles() {
+        assert_eq!(split(576, 2), vec![0..256, 256..576]);
+        assert_eq!(split(576, 100).len(), 9);
+        assert_eq!(split(100, 4), vec![0..64, 64..100]);
     }
 
     #[test]
@@ -169,5 +265,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn active_groups_inputs_in_quads() {
+        let qs: Vec<i8> = (0..70)
+            .map(|j| if j % 3 == 0 { 0 } else { j as i8 })
+            .collect();
+        let d = vec![0.5f32; 3];
+        let x = Q8Row {
+            d: &d,
+            s: &d,
+            isum: &[0; 3],
+            qs: &qs,
+        };
+        let mut a = Active::default();
+        a.build(&x, 70, |j| !(40..64).contains(&j));
+        // Block 0: 21 nonzero; block 1 (32..40): 5 of 8 nonzero; block 2: 4 of 6.
+        assert_eq!(a.n_active, 21 + 5 + 4);
+        assert_eq!(a.blocks.len(), 3);
+        assert_eq!(a.quads_of(&a.blocks[0]).len(), 6);
+        let last = a.quads_of(&a.blocks[0])[5];
+        assert_eq!(last.inputs, [31, 31, 31, 31]);
+        assert_eq!((last.q(0), last.q(1)), (31, 0));
+        let s: i32 = (1..32).filter(|j| j % 3 != 0).sum();
+        assert_eq!(a.blocks[0].qsum, 0.5 * s as f32);
+        assert_eq!(a.groups(64).collect::<Vec<_>>(), vec![0, 1]);
+        a.build(&x, 70, |_| false);
+        assert!(a.blocks.is_empty() && a.n_active == 0);
     }
 }

@@ -1,34 +1,32 @@
-//! AVX2 and AVX-512 paths of the sparse-input product ([`super::sparse`]) on pq rows.
+//! AVX2 and AVX-512 paths of the sparse-input product on transposed-group matrices
+//! ([`super::sparse`]). Both keep a tile of outputs in registers across every active input (no
+//! loads or stores of the outputs until the tile is done) and apply a weight group's scale and
+//! minimum once per group and tile.
 //!
-//! For each active input `(i, a)` and each group of row `i` in the output range, the group's
-//! values are `A·c + B` (see [`super::sparse::affine`]): the codes are unpacked with the same bit
-//! plane decoders as the dense pq kernels ([`super::pq_simd`]), converted to f32 and added as
-//! `y += (a·A)·c` with one FMA per 8 (AVX2) or 16 (AVX-512) outputs, for up to four rows per load
-//! and store of the outputs; the constant `a·B` is summed
-//! per group and added to the group's outputs once at the end, which saves an add per vector.
-//! A tail chunk shorter than 32 columns (rows whose length is not a multiple of 32) is added one
-//! value at a time, so nothing is written past the range.
+//! - AVX-512 (with VNNI), 64 outputs per tile: four active inputs at a time, each input's 64 codes
+//!   unpacked to bytes, the four byte vectors interleaved so that each 32-bit lane holds one
+//!   output's four codes, and `vpdpbusd` multiplies them with the four 8-bit activations
+//!   (broadcast) into 32-bit sums: 256 multiply-adds per four instructions, exact. The interleave
+//!   leaves lane `L` of accumulator `k` holding outputs `16L + 4k ..+4`; a 4×4 transpose of 128-bit
+//!   lanes per group and tile puts them back in order before the scales are applied. 4-bit codes
+//!   (Q4_0, Q4_1, `q4_*`) unpack 64 at a time from one 32-byte load; their lanes come out as
+//!   outputs 0-15, 32-47, 16-31, 48-63, which only changes which scales each lane meets.
+//! - AVX2, 32 outputs per tile: each active input's codes converted to f32 and added with one FMA
+//!   per 8 outputs, scaled by its activation (`s_b·q_j`, so the block sum is not kept apart).
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 use std::ops::Range;
 
 use super::pq_simd::{plane1_mask, plane2, plane4};
-use super::sparse::{affine, Rows};
-use crate::quant::pq::{Pq, CHUNK};
+use super::sparse::{affine, Active};
+use crate::quant::activation::QK8;
+use crate::quant::pq::CHUNK;
+use crate::quant::transposed::{Layout, TgMatrix};
 
 thread_local! {
-    /// Per-group sums of `a·B` over the active rows, one per group of the output range.
-    static OFFSETS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Scale and minimum of a group from its header (the minimum is garbage for symmetric formats,
-/// whose header is 2 bytes: the next two bytes are codes, and `affine` ignores it).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn header(g: *const u8) -> (f32, f32) {
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128((g as *const i32).read_unaligned()));
-    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+    /// Byte offsets of each quad's four inputs' codes.
+    static OFFSETS: RefCell<Vec<[usize; 4]>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A 1-bit plane as bytes `v` where set, else 0.
@@ -38,7 +36,7 @@ unsafe fn bit(p: *const u8, v: i8) -> __m256i {
     _mm256_and_si256(plane1_mask(p), _mm256_set1_epi8(v))
 }
 
-/// One chunk's 32 unsigned codes (`c`, not the signed value) as bytes.
+/// One chunk's 32 unsigned codes (`c`, not the signed value) as bytes, in output order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn codes<const BITS: u32, const SYM: bool>(p: *const u8) -> __m256i {
@@ -61,163 +59,329 @@ unsafe fn codes<const BITS: u32, const SYM: bool>(p: *const u8) -> __m256i {
     }
 }
 
-macro_rules! sparse_kernel {
-    ($name:ident, $inner:ident, $features:literal, $fma32:ident) => {
-        /// See the module docs.
-        ///
-        /// # Safety
-        /// The CPU must support the enabled features; `w`'s type must be `p`, the range made of
-        /// whole groups and `y.len() == cols.len()` (as [`super::sparse::axpy_rows`] checks).
-        #[target_feature(enable = $features)]
-        pub unsafe fn $name(
-            p: Pq,
-            w: &Rows,
-            active: &[(u32, f32)],
-            cols: Range<usize>,
-            y: &mut [f32],
-        ) {
-            macro_rules! go {
-                ($bits:literal) => {
-                    if p.sym {
-                        $inner::<$bits, true>(p, w, active, cols, y)
-                    } else {
-                        $inner::<$bits, false>(p, w, active, cols, y)
-                    }
-                };
-            }
-            match p.bits {
-                1 => go!(1),
-                2 => go!(2),
-                3 => go!(3),
-                4 => go!(4),
-                5 => go!(5),
-                6 => go!(6),
-                _ => go!(8),
-            }
-        }
-
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn $inner<const BITS: u32, const SYM: bool>(
-            p: Pq,
-            w: &Rows,
-            active: &[(u32, f32)],
-            cols: Range<usize>,
-            y: &mut [f32],
-        ) {
-            let g = p.group as usize;
-            let (gb, hb, cb) = (p.group_bytes(), p.header_bytes(), p.chunk_bytes());
-            let (ga, gz) = (cols.start / g, cols.end.div_ceil(g));
-            let yp = y.as_mut_ptr().wrapping_sub(cols.start);
-            OFFSETS.with_borrow_mut(|off| {
-                off.clear();
-                off.resize(gz - ga, 0.0);
-                // Up to ROWS active rows at a time: each block of outputs is loaded and stored
-                // once for all of them.
-                for blk in active.chunks(ROWS) {
-                    let nb = blk.len();
-                    let mut rows = [std::ptr::null::<u8>(); ROWS];
-                    for (r, &(i, _)) in blk.iter().enumerate() {
-                        rows[r] = w.row(i as usize).as_ptr();
-                    }
-                    for gi in ga..gz {
-                        let mut s = [0.0f32; ROWS];
-                        for (r, &(_, a)) in blk.iter().enumerate() {
-                            // Every group before the row's (possibly short) last one is full.
-                            let (d, m) = header(rows[r].add(gi * gb));
-                            let (ca, cb0) = affine(p, d, m);
-                            off[gi - ga] += a * cb0;
-                            s[r] = a * ca;
-                        }
-                        let n = (w.cols - gi * g).min(g);
-                        let mut j = 0;
-                        while j < n {
-                            let at = gi * gb + hb + j / CHUNK * cb;
-                            let out = yp.add(gi * g + j);
-                            let mut c = [_mm256_setzero_si256(); ROWS];
-                            for r in 0..nb {
-                                c[r] = codes::<BITS, SYM>(rows[r].add(at));
-                            }
-                            if n - j >= CHUNK {
-                                $fma32(&s, &c, nb, out);
-                            } else {
-                                for r in 0..nb {
-                                    let mut b = [0u8; CHUNK];
-                                    _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, c[r]);
-                                    for (k, &ck) in b.iter().enumerate().take(n - j) {
-                                        *out.add(k) += s[r] * ck as f32;
-                                    }
-                                }
-                            }
-                            j += CHUNK;
-                        }
-                    }
-                }
-                for (k, &o) in off.iter().enumerate() {
-                    let gi = ga + k;
-                    let n = (w.cols - gi * g).min(g);
-                    for jj in 0..n {
-                        *yp.add(gi * g + jj) += o;
-                    }
-                }
-            });
-        }
-    };
+/// Runs `f` with the code offsets of every quad of `act` in `l`.
+fn with_offsets<R>(l: &Layout, act: &Active, f: impl FnOnce(&[[usize; 4]]) -> R) -> R {
+    OFFSETS.with_borrow_mut(|offs| {
+        offs.clear();
+        offs.extend(
+            act.quads
+                .iter()
+                .map(|q| q.inputs.map(|j| l.code_offset(j as usize))),
+        );
+        f(offs)
+    })
 }
 
-/// Active rows handled together.
-const ROWS: usize = 4;
+/// Calls `$inner::<BITS, SYM>` for the matrix's format.
+macro_rules! by_format {
+    ($inner:ident, $w:expr, $($arg:expr),*) => {{
+        let p = $w.layout.pq;
+        macro_rules! go {
+            ($bits:literal) => {
+                if p.sym {
+                    $inner::<$bits, true>($($arg),*)
+                } else {
+                    $inner::<$bits, false>($($arg),*)
+                }
+            };
+        }
+        match p.bits {
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            5 => go!(5),
+            6 => go!(6),
+            _ => go!(8),
+        }
+    }};
+}
 
-/// `y[0..32] += Σ_r s[r] · c[r]` over the first `nb` rows' 32 codes, 8 lanes at a time.
+// ---------------------------------------------------------------------------------------------
+// AVX-512
+
+/// See the module docs.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; the range must be checked as
+/// [`super::sparse::product`] does.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn product_avx512(w: &TgMatrix, act: &Active, outs: Range<usize>, y: &mut [f32]) {
+    let l = &w.layout;
+    with_offsets(l, act, |offs| {
+        let mut o = outs.start;
+        while o < outs.end {
+            let valid = (outs.end - o).min(64);
+            let out = y.as_mut_ptr().add(o - outs.start);
+            if valid > CHUNK {
+                by_format!(tile512, w, l, w.bytes(), act, offs, o, valid, out, 2);
+            } else {
+                by_format!(tile512, w, l, w.bytes(), act, offs, o, valid, out, 1);
+            }
+            o += 64;
+        }
+    });
+}
+
+/// 64 (`nc` = 2) or 32 (`nc` = 1) codes of one input from `p` (its first chunk in the tile), and
+/// which 16 outputs each 128-bit lane holds (in units of 16 from the tile's start).
+#[inline(always)]
+unsafe fn decode512<const BITS: u32, const SYM: bool>(
+    p: *const u8,
+    cb: usize,
+    nc: usize,
+) -> __m512i {
+    if BITS == 4 {
+        // Chunks of 32 outputs are 16 adjacent bytes each: low nibbles hold the first 16 outputs
+        // of a chunk, high nibbles the next 16.
+        let v = if nc == 2 {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i))
+        };
+        let v = _mm512_mask_srli_epi16(v, 0xFFFF_0000, v, 4);
+        _mm512_and_si512(v, _mm512_set1_epi8(0x0F))
+    } else {
+        let lo = codes::<BITS, SYM>(p);
+        let hi = if nc == 2 {
+            codes::<BITS, SYM>(p.add(cb))
+        } else {
+            _mm256_setzero_si256()
+        };
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+}
+
+/// Lane `L` of the decoded codes holds outputs `16·LANES[L] ..+16` of the tile.
+const fn lanes(bits: u32) -> [usize; 4] {
+    if bits == 4 {
+        [0, 2, 1, 3]
+    } else {
+        [0, 1, 2, 3]
+    }
+}
+
+/// `r[L]` = lane L of each of `a[0..4]`, in order (a 4×4 transpose of 128-bit lanes).
+#[inline(always)]
+unsafe fn transpose4(a: [__m512; 4]) -> [__m512; 4] {
+    let t0 = _mm512_shuffle_f32x4(a[0], a[1], 0x44);
+    let t1 = _mm512_shuffle_f32x4(a[0], a[1], 0xEE);
+    let t2 = _mm512_shuffle_f32x4(a[2], a[3], 0x44);
+    let t3 = _mm512_shuffle_f32x4(a[2], a[3], 0xEE);
+    [
+        _mm512_shuffle_f32x4(t0, t2, 0x88),
+        _mm512_shuffle_f32x4(t0, t2, 0xDD),
+        _mm512_shuffle_f32x4(t1, t3, 0x88),
+        _mm512_shuffle_f32x4(t1, t3, 0xDD),
+    ]
+}
+
+/// Adds group `gi`'s contribution `A·acc + B·gq` (per output) to `y`: `acc` straight from the
+/// accumulators (lanes as [`lanes`] and [`transpose4`] leave them).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn flush512<const BITS: u32, const SYM: bool>(
+    l: &Layout,
+    tg: *const u8,
+    gi: usize,
+    o: usize,
+    nc: usize,
+    acc: [__m512; 4],
+    gq: f32,
+    y: &mut [__m512; 4],
+) {
+    let r = transpose4(acc);
+    let sp = tg.add(l.scales_offset(gi) + 2 * o);
+    let mp = sp.add(2 * l.n_out_pad());
+    let (ka, kb) = affine(l.pq, 1.0, 0.0);
+    let gq = _mm512_set1_ps(gq);
+    for (lane, &blk) in lanes(BITS).iter().enumerate() {
+        if blk >= 2 * nc {
+            continue;
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32 * blk) as *const __m256i));
+        y[blk] = if SYM {
+            let t = _mm512_fmadd_ps(
+                r[lane],
+                _mm512_set1_ps(ka),
+                _mm512_mul_ps(gq, _mm512_set1_ps(kb)),
+            );
+            _mm512_fmadd_ps(d, t, y[blk])
+        } else {
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(32 * blk) as *const __m256i));
+            _mm512_fmadd_ps(m, gq, _mm512_fmadd_ps(d, r[lane], y[blk]))
+        };
+    }
+}
+
+/// One tile: outputs `o .. o + valid` (`valid` ≤ 32·`nc`) into `out`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile512<const BITS: u32, const SYM: bool>(
+    l: &Layout,
+    tg: &[u8],
+    act: &Active,
+    offs: &[[usize; 4]],
+    o: usize,
+    valid: usize,
+    out: *mut f32,
+    nc: usize,
+) {
+    let cb = l.pq.chunk_bytes();
+    let base = tg.as_ptr().add(o / CHUNK * cb);
+    let g = l.group();
+    let mut y = [_mm512_setzero_ps(); 4];
+    let mut gacc = [_mm512_setzero_ps(); 4];
+    let (mut cur, mut gq) = (usize::MAX, 0.0f32);
+    for b in &act.blocks {
+        let gi = b.index as usize * QK8 / g;
+        if gi != cur {
+            if cur != usize::MAX {
+                flush512::<BITS, SYM>(l, tg.as_ptr(), cur, o, nc, gacc, gq, &mut y);
+            }
+            (cur, gq) = (gi, 0.0);
+            gacc = [_mm512_setzero_ps(); 4];
+        }
+        let mut acc = [_mm512_setzero_si512(); 4];
+        for k in b.quads.start as usize..b.quads.end as usize {
+            let off = offs.get_unchecked(k);
+            let c: [__m512i; 4] =
+                std::array::from_fn(|t| decode512::<BITS, SYM>(base.add(off[t]), cb, nc));
+            let ab_lo = _mm512_unpacklo_epi8(c[0], c[1]);
+            let ab_hi = _mm512_unpackhi_epi8(c[0], c[1]);
+            let cd_lo = _mm512_unpacklo_epi8(c[2], c[3]);
+            let cd_hi = _mm512_unpackhi_epi8(c[2], c[3]);
+            let q = _mm512_set1_epi32(act.quads.get_unchecked(k).q);
+            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_unpacklo_epi16(ab_lo, cd_lo), q);
+            acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_unpackhi_epi16(ab_lo, cd_lo), q);
+            acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_unpacklo_epi16(ab_hi, cd_hi), q);
+            acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_unpackhi_epi16(ab_hi, cd_hi), q);
+        }
+        let s = _mm512_set1_ps(b.d);
+        for (ga, a) in gacc.iter_mut().zip(acc) {
+            *ga = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(a), *ga);
+        }
+        gq += b.qsum;
+    }
+    if cur != usize::MAX {
+        flush512::<BITS, SYM>(l, tg.as_ptr(), cur, o, nc, gacc, gq, &mut y);
+    }
+    for (blk, v) in y.iter().enumerate() {
+        let start = 16 * blk;
+        if valid >= start + 16 {
+            _mm512_storeu_ps(out.add(start), *v);
+        } else if valid > start {
+            _mm512_mask_storeu_ps(out.add(start), ((1u32 << (valid - start)) - 1) as u16, *v);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2
+
+/// See the module docs.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; the range must be checked as
+/// [`super::sparse::product`] does.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn product_avx2(w: &TgMatrix, act: &Active, outs: Range<usize>, y: &mut [f32]) {
+    let l = &w.layout;
+    with_offsets(l, act, |offs| {
+        for o in outs.clone().step_by(CHUNK) {
+            let valid = (outs.end - o).min(CHUNK);
+            let out = y.as_mut_ptr().add(o - outs.start);
+            by_format!(tile256, w, l, w.bytes(), act, offs, o, valid, out);
+        }
+    });
+}
+
+/// As [`flush512`], for a tile of 32 outputs.
+#[inline(always)]
+unsafe fn flush256<const SYM: bool>(
+    l: &Layout,
+    tg: *const u8,
+    gi: usize,
+    o: usize,
+    gacc: &[__m256; 4],
+    gq: f32,
+    y: &mut [__m256; 4],
+) {
+    let sp = tg.add(l.scales_offset(gi) + 2 * o);
+    let mp = sp.add(2 * l.n_out_pad());
+    let (ka, kb) = affine(l.pq, 1.0, 0.0);
+    let gqv = _mm256_set1_ps(gq);
+    for q in 0..4 {
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(16 * q) as *const __m128i));
+        y[q] = if SYM {
+            let t = _mm256_fmadd_ps(gacc[q], _mm256_set1_ps(ka), _mm256_set1_ps(kb * gq));
+            _mm256_fmadd_ps(d, t, y[q])
+        } else {
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(mp.add(16 * q) as *const __m128i));
+            _mm256_fmadd_ps(m, gqv, _mm256_fmadd_ps(d, gacc[q], y[q]))
+        };
+    }
+}
+
+/// One tile of 32 outputs (`valid` of them stored).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fma32_avx2(s: &[f32; ROWS], c: &[__m256i; ROWS], nb: usize, y: *mut f32) {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (q, a) in acc.iter_mut().enumerate() {
-        *a = _mm256_loadu_ps(y.add(8 * q));
-    }
-    for r in 0..nb {
-        let sr = _mm256_set1_ps(s[r]);
-        let halves = [
-            _mm256_castsi256_si128(c[r]),
-            _mm256_extracti128_si256(c[r], 1),
-        ];
-        for (h, v) in halves.into_iter().enumerate() {
-            for (q, b) in [v, _mm_srli_si128(v, 8)].into_iter().enumerate() {
-                let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-                acc[2 * h + q] = _mm256_fmadd_ps(sr, f, acc[2 * h + q]);
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile256<const BITS: u32, const SYM: bool>(
+    l: &Layout,
+    tg: &[u8],
+    act: &Active,
+    offs: &[[usize; 4]],
+    o: usize,
+    valid: usize,
+    out: *mut f32,
+) {
+    let base = tg.as_ptr().add(o / CHUNK * l.pq.chunk_bytes());
+    let g = l.group();
+    let mut y = [_mm256_setzero_ps(); 4];
+    let mut gacc = [_mm256_setzero_ps(); 4];
+    let (mut cur, mut gq) = (usize::MAX, 0.0f32);
+    for b in &act.blocks {
+        let gi = b.index as usize * QK8 / g;
+        if gi != cur {
+            if cur != usize::MAX {
+                flush256::<SYM>(l, tg.as_ptr(), cur, o, &gacc, gq, &mut y);
+            }
+            (cur, gq) = (gi, 0.0);
+            gacc = [_mm256_setzero_ps(); 4];
+        }
+        for k in b.quads.start as usize..b.quads.end as usize {
+            let (off, quad) = (offs.get_unchecked(k), act.quads.get_unchecked(k));
+            for (t, &at) in off.iter().enumerate() {
+                let q = quad.q(t);
+                if q == 0 {
+                    continue;
+                }
+                let s = _mm256_set1_ps(b.d * q as f32);
+                let c = codes::<BITS, SYM>(base.add(at));
+                let halves = [_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)];
+                for (h, v) in halves.into_iter().enumerate() {
+                    for (e, bytes) in [v, _mm_srli_si128(v, 8)].into_iter().enumerate() {
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                        gacc[2 * h + e] = _mm256_fmadd_ps(s, f, gacc[2 * h + e]);
+                    }
+                }
             }
         }
+        gq += b.qsum;
     }
-    for (q, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(y.add(8 * q), *a);
+    if cur != usize::MAX {
+        flush256::<SYM>(l, tg.as_ptr(), cur, o, &gacc, gq, &mut y);
     }
-}
-
-/// As [`fma32_avx2`], 16 lanes at a time.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-unsafe fn fma32_avx512(s: &[f32; ROWS], c: &[__m256i; ROWS], nb: usize, y: *mut f32) {
-    let mut acc = [_mm512_loadu_ps(y), _mm512_loadu_ps(y.add(16))];
-    for r in 0..nb {
-        let sr = _mm512_set1_ps(s[r]);
-        let halves = [
-            _mm256_castsi256_si128(c[r]),
-            _mm256_extracti128_si256(c[r], 1),
-        ];
-        for (h, v) in halves.into_iter().enumerate() {
-            let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
-            acc[h] = _mm512_fmadd_ps(sr, f, acc[h]);
+    for (q, v) in y.iter().enumerate() {
+        let start = 8 * q;
+        if valid >= start + 8 {
+            _mm256_storeu_ps(out.add(start), *v);
+        } else if valid > start {
+            let mut tmp = [0f32; 8];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), *v);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(start), valid - start);
         }
     }
-    _mm512_storeu_ps(y, acc[0]);
-    _mm512_storeu_ps(y.add(16), acc[1]);
 }
-
-sparse_kernel!(axpy_pq_avx2, pq_avx2, "avx2,fma,f16c", fma32_avx2);
-sparse_kernel!(
-    axpy_pq_avx512,
-    pq_avx512,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
-    fma32_avx512
-);
