@@ -120,11 +120,15 @@ impl Costs {
             f()?;
             Ok(t.elapsed().as_secs_f64())
         };
-        let x0 = tr.embed(&tokens[..n])?;
+        // Each layer and the head take the hidden states the layers before them made: the raw
+        // embeddings would give the head logits far apart, whose softmax underflows into
+        // subnormal numbers that made it five times slower than in training.
+        let mut x0 = tr.embed(&tokens[..n])?;
         let embed_cost = best(&mut || timed(&mut || tr.embed(&tokens[..n]).map(drop)))?;
         let (mut layer_cost, mut layer_back) = (Vec::new(), Vec::new());
         for l in 0..c.n_layer {
             let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
+            let mut out = Vec::new();
             for _ in 0..2 {
                 let mut x = x0.clone();
                 let mut tapes = Vec::new();
@@ -136,7 +140,9 @@ impl Costs {
                 bwd = bwd.min(timed(&mut || {
                     tr.backward_layers(l..l + 1, &tapes, &mut dx, &mut grads)
                 })?);
+                out = x;
             }
+            x0 = out;
             layer_cost.push(fwd / n as f64);
             layer_back.push(bwd / n as f64);
         }
