@@ -456,16 +456,10 @@ fn stage(
     n_stages: usize,
 ) -> StagePlan {
     let (first, last) = (index == 0, index + 1 == n_stages);
-    let mut weight_bytes: u64 = costs.layer_bytes[layers.clone()].iter().sum();
-    let mut cost: f64 = costs.layer_cost[layers.clone()].iter().sum();
-    if first {
-        weight_bytes += costs.embed_bytes;
-        cost += costs.embed_cost;
-    }
-    if last {
-        weight_bytes += costs.head_bytes;
-        cost += costs.head_cost;
-    }
+    let weight_bytes: u64 = costs.layer_bytes[layers.clone()].iter().sum::<u64>()
+        + if first { costs.embed_bytes } else { 0 }
+        + if last { costs.head_bytes } else { 0 };
+    let cost = forward_cost(costs, layers.clone(), first, last);
     let activation_bytes = (shape.mb_tokens * shape.n_embd * 4) as u64;
     if let Some(t) = &shape.training {
         let live = t.live(index, n_stages);
@@ -528,7 +522,7 @@ fn stage_times(
     last: bool,
 ) -> Option<(f64, f64)> {
     let back = costs.backward.as_ref()?;
-    let mut f: f64 = costs.layer_cost[layers.clone()].iter().sum();
+    let f = forward_cost(costs, layers.clone(), first, last);
     let mut b: f64 = back.layer[layers.clone()].iter().sum();
     if t.checkpoint != Checkpoint::None {
         let kept = t
@@ -540,15 +534,15 @@ fn stage_times(
             .iter()
             .sum::<f64>();
     }
-    if first {
-        f += costs.embed_cost;
-        b += back.embed;
-    }
-    if last {
-        f += costs.head_cost;
-        b += back.head;
-    }
+    b += if first { back.embed } else { 0.0 } + if last { back.head } else { 0.0 };
     Some((f, b))
+}
+
+/// A stage's forward cost: its layers, the embeddings on the first, the head on the last.
+fn forward_cost(costs: &Costs, layers: Range<usize>, first: bool, last: bool) -> f64 {
+    costs.layer_cost[layers].iter().sum::<f64>()
+        + if first { costs.embed_cost } else { 0.0 }
+        + if last { costs.head_cost } else { 0.0 }
 }
 
 /// The step's time and bubble when training `shape` over the stages `ranges`: its schedule
