@@ -219,3 +219,74 @@ fn perplexity_text_tokenizes_like_llama_cpp() {
         "hash of all token ids"
     );
 }
+
+/// Every id list `encode_pieces` hands out for `text`, cut after at least `piece_bytes` bytes.
+fn pieces_of(tok: &Tokenizer, text: &str, piece_bytes: usize) -> Vec<Vec<u32>> {
+    let mut pieces = Vec::new();
+    tok.encode_pieces(text, true, false, piece_bytes, |p| {
+        pieces.push(p.to_vec());
+        Ok(())
+    })
+    .unwrap();
+    pieces
+}
+
+/// The perplexity text tokenized a piece at a time (as `encode` does, to keep the tokenizer's
+/// working memory small) gives exactly the ids of tokenizing it whole, whatever the piece size:
+/// down to cutting at every place `safe_cut` allows.
+#[test]
+fn text_in_pieces_tokenizes_as_whole() {
+    let f = fixture("llamacpp_perplexity.json");
+    let data = common::data_file(f["data"].as_str().unwrap());
+    let text = std::fs::read_to_string(&data).unwrap();
+    let tok = tokenizer();
+    let whole: Vec<u32> = pieces_of(&tok, &text, usize::MAX).concat();
+    assert_eq!(whole, tok.encode(&text, true, false).unwrap());
+    // (piece size, fewest pieces: the file has about 1,500 places to cut, ~730 bytes apart)
+    for (piece_bytes, min) in [
+        (pare::format::tokenizer::PIECE_BYTES, 10),
+        (4096, 200),
+        (1, 1000),
+    ] {
+        let pieces = pieces_of(&tok, &text, piece_bytes);
+        assert!(
+            pieces.len() >= min,
+            "{piece_bytes}-byte pieces: only {} pieces",
+            pieces.len()
+        );
+        assert_eq!(pieces.concat(), whole, "{piece_bytes}-byte pieces");
+    }
+}
+
+/// Cut points are only line starts that tokenize the same apart; the places next to them that
+/// would not are refused (the test fails if `safe_cut` allows any of them).
+#[test]
+fn cuts_only_where_the_split_expressions_end_a_word() {
+    use pare::format::tokenizer::safe_cut;
+    let tok = tokenizer();
+    let enc = |s: &str| tok.encode(s, false, false).unwrap();
+    let text = "a.\n\n 12 is \n = = B = = \n \n Word , \n\n\nx \r\n Yes\n Ünï 3\n  z\n b";
+    let mut cuts = 0;
+    for p in 1..text.len() {
+        if !text.is_char_boundary(p) {
+            continue;
+        }
+        let apart = [enc(&text[..p]), enc(&text[p..])].concat();
+        if safe_cut(text, p) {
+            cuts += 1;
+            assert_eq!(apart, enc(text), "cut at {p} ({:?})", &text[p..]);
+        }
+    }
+    assert_eq!(cuts, 3, "the three line starts ' Word', ' Yes', ' b'");
+    // Why not every line start: a digit or '=' after the space, or a second newline, changes
+    // the words on the left of the cut.
+    for (p, why) in [(4, "\\n 12"), (13, "\\n ="), (3, "\\n\\n")] {
+        assert!(!safe_cut(text, p), "{why}");
+    }
+    let p = text.find("\n 12").unwrap() + 1;
+    assert_ne!(
+        [enc(&text[..p]), enc(&text[p..])].concat(),
+        enc(text),
+        "cutting before ' 12' would change the ids (so the rule is needed)"
+    );
+}

@@ -65,11 +65,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 fn evaluate(a: &Args, model: &pare::model::Model, eval: &mut dyn LogitsEval) -> anyhow::Result<()> {
-    let text = read_text(&a.file)?;
-    let tok = model.tokenizer()?;
     // As llama-perplexity: BOS first (and at each chunk's start) only when the model adds BOS.
-    let tokens = tok.encode(&text, true, false)?;
-    let bos = if tok.add_bos() { tok.bos() } else { None };
+    // The text and the tokenizer are dropped before the chunks run: only the ids stay (under MPI
+    // rank 0 then holds little beyond its stage's weights).
+    let (tokens, bos) = {
+        let tok = model.tokenizer()?;
+        let tokens = tok.encode(&read_text(&a.file)?, true, false)?;
+        (tokens, if tok.add_bos() { tok.bos() } else { None })
+    };
+    pare::eval::bench::release_free_memory();
     let opts = PerplexityOptions {
         n_chunks: a.chunks,
         ..PerplexityOptions::new(a.ctx, bos)

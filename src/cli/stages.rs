@@ -1,7 +1,9 @@
 //! The pipeline options that perplexity and run share (`--stages` and friends).
 
 use pare::model::Model;
+use pare::pipeline::schedule::Schedule;
 use pare::pipeline::{self, partition};
+use pare::train::trainer::TrainOptions;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StageArgs {
@@ -36,16 +38,6 @@ impl StageArgs {
         n_ctx: usize,
         logits_rows: usize,
     ) -> anyhow::Result<partition::Plan> {
-        let opts = pipeline::Options {
-            n_stages: self.stages,
-            n_micro: self.micro_batches,
-            stage_layers: self.stage_layers.clone(),
-            memory_per_worker: self
-                .memory_per_worker
-                .as_deref()
-                .map(partition::parse_size)
-                .transpose()?,
-        };
         anyhow::ensure!(
             self.micro_batches >= 1,
             "--micro-batches must be at least 1"
@@ -56,7 +48,37 @@ impl StageArgs {
             n_ctx.div_ceil(self.micro_batches),
             logits_rows,
         );
-        let plan = pipeline::plan(model, &opts, &shape)?;
+        self.plan_for(model, &shape)
+    }
+
+    /// The plan for training `opts` under `schedule` (one sequence per micro-batch), priced by
+    /// what training keeps per stage; printed as [`plan`](Self::plan) prints.
+    pub fn plan_training(
+        &self,
+        model: &Model,
+        opts: &TrainOptions,
+        schedule: Schedule,
+    ) -> anyhow::Result<partition::Plan> {
+        let shape = partition::RunShape::training(model, opts, schedule, opts.accum);
+        self.plan_for(model, &shape)
+    }
+
+    fn plan_for(
+        &self,
+        model: &Model,
+        shape: &partition::RunShape,
+    ) -> anyhow::Result<partition::Plan> {
+        let opts = pipeline::Options {
+            n_stages: self.stages,
+            n_micro: self.micro_batches,
+            stage_layers: self.stage_layers.clone(),
+            memory_per_worker: self
+                .memory_per_worker
+                .as_deref()
+                .map(partition::parse_size)
+                .transpose()?,
+        };
+        let plan = pipeline::plan(model, &opts, shape)?;
         if pipeline::mpi_rank().unwrap_or(0) == 0 {
             eprint!("{}", plan.describe());
         }

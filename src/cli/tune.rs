@@ -151,7 +151,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return train_and_report(&a, new_trainer(&a, &model, opts, checkpoint, (train, val))?);
     }
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("1f1b").parse()?;
-    let plan = a.stages.plan(&model, a.seq_len, 0)?;
+    let plan = a.stages.plan_training(&model, &opts, schedule)?;
     let layers: Vec<_> = plan.stages.iter().map(|s| s.layers.clone()).collect();
     let stages = Stages {
         threads: pare::pipeline::thread_shares(pare::parallel::threads(), layers.len()),

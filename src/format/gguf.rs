@@ -204,6 +204,8 @@ pub struct Gguf {
     /// Absolute offset of the data section.
     pub data_offset: u64,
     mmap: Mmap,
+    /// The file, for reading small tensors without touching the map ([`Gguf::read_tensor`]).
+    file: File,
 }
 
 impl std::fmt::Debug for Gguf {
@@ -344,11 +346,11 @@ impl Gguf {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; pare never writes the files it reads while they are open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(path.to_path_buf(), mmap)
+        Self::parse(path.to_path_buf(), mmap, file)
             .map_err(|e| Error::Gguf(format!("{}: {}", path.display(), strip_prefix(e))))
     }
 
-    fn parse(path: PathBuf, mmap: Mmap) -> Result<Gguf> {
+    fn parse(path: PathBuf, mmap: Mmap, file: File) -> Result<Gguf> {
         let mut c = Cursor { buf: &mmap, pos: 0 };
         let magic = c.take(4, "magic")?;
         if magic != GGUF_MAGIC {
@@ -480,6 +482,7 @@ impl Gguf {
             alignment,
             data_offset,
             mmap,
+            file,
         })
     }
 
@@ -531,6 +534,19 @@ impl Gguf {
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
         &self.mmap[start..start + t.n_bytes()]
+    }
+
+    /// A copy of `t`'s bytes read from the file, not through the map. For small tensors read
+    /// once (norm weights): touching the map makes the page cache's folios around them resident
+    /// in this process, and with large folios (ext4 on Linux 6.16+) those hold other layers'
+    /// weights, which a pipeline stage must not count (about 46 MiB for SmolLM2's 61 norms).
+    pub fn read_tensor(&self, t: &TensorInfo) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; t.n_bytes()];
+        self.file
+            .read_exact_at(&mut buf, self.data_offset + t.offset)
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(buf)
     }
 
     /// The whole mapped file.

@@ -97,6 +97,53 @@ fn pre_tokenizer_spec(pre: &str) -> Result<PreTokenizerSpec> {
     })
 }
 
+/// Bytes of text [`Tokenizer::encode`] tokenizes at a time: the `tokenizers` crate keeps tens of
+/// bytes of working state per input byte (offsets, alignments, token strings), about 100 MiB for
+/// the 1.1 MB WikiText-2 file at once; 64 KiB pieces keep that to a few MiB.
+pub const PIECE_BYTES: usize = 64 << 10;
+
+/// Whether the text may be cut before byte `p` (`0 < p < text.len()`) and the two sides
+/// tokenized apart with the same ids as together: `p` starts a line with exactly one space
+/// before an ASCII letter (`"…\n Word"`, as most lines of WikiText start).
+///
+/// Why that is exact for every split expression of [`pre_tokenizer_spec`]: the whitespace run
+/// around the cut ends with the space at `p` and a letter after it. In the whole text GPT-2's
+/// `\s+(?!\S)` takes the run up to but not including that last space (which goes with the word
+/// after it, `" ?\p{L}+"`), and llama3's / qwen2's `\s*[\r\n]+` takes it up to its last
+/// newline, at `p - 1` (a punctuation word's `[\r\n]*` tail also stops there); so a word ends at
+/// `p` either way. The left side alone ends with the same run minus that space, which the same
+/// alternatives take whole (nothing follows to look ahead at), and the right side starts at `p`
+/// exactly as the whole text's matching resumed there: the expressions look only ahead, never
+/// behind. A letter, not any non-space: the expressions that split first (smollm's `\p{N}`, the
+/// default's punctuation) would otherwise end a piece after the space, where `\s+(?!\S)` then
+/// takes the whole run, space included. Byte-level BPE merges within words only.
+pub fn safe_cut(text: &str, p: usize) -> bool {
+    let b = text.as_bytes();
+    p >= 1 && p + 1 < b.len() && b[p - 1] == b'\n' && b[p] == b' ' && b[p + 1].is_ascii_alphabetic()
+}
+
+/// The end of the next piece of `text` for [`Tokenizer::encode_pieces`]: the first [`safe_cut`]
+/// at or after `min` bytes, or the whole text when there is none.
+fn next_cut(text: &str, min: usize) -> usize {
+    if text.len() <= min {
+        return text.len();
+    }
+    let b = text.as_bytes();
+    // A cut's byte before is `\n`: look only at those (never inside a multi-byte character).
+    let mut from = min.max(1);
+    while let Some(i) = b[from - 1..].iter().position(|&c| c == b'\n') {
+        let p = from + i;
+        if safe_cut(text, p) {
+            return p;
+        }
+        from = p + 1;
+        if from > b.len() {
+            break;
+        }
+    }
+    text.len()
+}
+
 /// GPT-2's table from bytes to printable characters, and its inverse.
 fn byte_tables() -> ([char; 256], HashMap<char, u8>) {
     let mut to_char = ['\0'; 256];
@@ -134,6 +181,9 @@ struct Parts {
     add_bos: bool,
     add_eos: bool,
     pre: String,
+    /// Whether long texts may be tokenized a piece at a time, cut where [`safe_cut`] says (the
+    /// split expressions are known and no token matched in the input contains a newline).
+    cut_lines: bool,
 }
 
 /// A model's tokenizer (from a GGUF's vocabulary or a Hugging Face `tokenizer.json`).
@@ -153,6 +203,7 @@ pub struct Tokenizer {
     add_bos: bool,
     add_eos: bool,
     pre: String,
+    cut_lines: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -316,6 +367,12 @@ impl Tokenizer {
             .get_bool("tokenizer.ggml.add_bos_token")
             .unwrap_or(spec.default_add_bos);
         let add_eos = g.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        // llama.cpp's split expressions (all of `pre_tokenizer_spec`) are what `safe_cut` was
+        // worked out for; a special or user-defined token could itself hold a newline.
+        let cut_lines = !tokens
+            .iter()
+            .zip(&kinds)
+            .any(|(t, k)| *k != TokenKind::Normal && t.contains(['\n', '\r']));
         Ok(Self::assemble(Parts {
             with_special,
             texts: tokens.iter().map(|t| t.to_string()).collect(),
@@ -329,6 +386,7 @@ impl Tokenizer {
             add_bos,
             add_eos,
             pre: pre.to_string(),
+            cut_lines,
         }))
     }
 
@@ -348,6 +406,7 @@ impl Tokenizer {
             add_bos,
             add_eos,
             pre,
+            cut_lines,
         } = p;
         let mut without_special = with_special.clone();
         without_special.set_encode_special_tokens(true);
@@ -406,34 +465,64 @@ impl Tokenizer {
             add_bos,
             add_eos,
             pre,
+            cut_lines,
         }
     }
 
     /// Token ids for `text`. `add_bos` asks for the model's own special tokens (llama.cpp's
     /// `add_special`): BOS if the file's `add_bos_token` says so, EOS if `add_eos_token` does.
     /// With `parse_special`, control-token text such as `<|im_start|>` becomes that token.
+    /// A long text is tokenized [`PIECE_BYTES`] at a time (see [`encode_pieces`](Self::encode_pieces)):
+    /// the same ids as at once, without the tokenizer's per-byte working memory for all of it.
     pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        self.encode_pieces(text, add_bos, parse_special, PIECE_BYTES, |p| {
+            ids.extend_from_slice(p);
+            Ok(())
+        })?;
+        Ok(ids)
+    }
+
+    /// [`encode`](Self::encode)'s ids handed to `each` a piece at a time: the text is cut at the
+    /// first [`safe_cut`] at least `piece_bytes` after the previous cut, and each piece is
+    /// tokenized alone. The ids are exactly those of tokenizing the whole text at once (a cut is
+    /// made only where the split expressions end a word whatever follows the cut); a tokenizer
+    /// whose splitting is not known here (from a `tokenizer.json`) takes the text whole.
+    pub fn encode_pieces(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+        piece_bytes: usize,
+        mut each: impl FnMut(&[u32]) -> Result<()>,
+    ) -> Result<()> {
         let tok = if parse_special {
             &self.with_special
         } else {
             &self.without_special
         };
-        let mut ids = Vec::new();
         if add_bos && self.add_bos {
-            ids.push(self.bos.ok_or_else(|| {
+            each(&[self.bos.ok_or_else(|| {
                 Error::Tokenizer("the model asks for BOS but has no BOS token".into())
-            })?);
+            })?])?;
         }
-        if !text.is_empty() {
-            let enc = tok.encode_fast(text, false).map_err(tk_err)?;
-            ids.extend_from_slice(enc.get_ids());
+        let mut rest = text;
+        while !rest.is_empty() {
+            let end = if self.cut_lines {
+                next_cut(rest, piece_bytes.max(1))
+            } else {
+                rest.len()
+            };
+            let enc = tok.encode_fast(&rest[..end], false).map_err(tk_err)?;
+            each(enc.get_ids())?;
+            rest = &rest[end..];
         }
         if add_bos && self.add_eos {
-            ids.push(self.eos.ok_or_else(|| {
+            each(&[self.eos.ok_or_else(|| {
                 Error::Tokenizer("the model asks for EOS but has no EOS token".into())
-            })?);
+            })?])?;
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// The text of `ids`, special tokens rendered as their text; bytes that are not valid UTF-8

@@ -184,7 +184,9 @@ impl TensorSource for Arc<Gguf> {
             )));
         }
         let mut v = vec![0.0f32; n];
-        dequantize_row(t.ggml_type, self.tensor_data(t), &mut v)
+        // Read, not mapped: a pipeline stage loads every layer's norms but maps only its own
+        // layers' matrices (see `Gguf::read_tensor`).
+        dequantize_row(t.ggml_type, &self.read_tensor(t)?, &mut v)
             .map_err(|e| Error::Model(format!("tensor {name:?}: {e}")))?;
         Ok(v)
     }

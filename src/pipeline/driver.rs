@@ -5,6 +5,7 @@
 //! logits). Perplexity and generation see it as a model: [`LogitsEval`] and
 //! [`crate::infer::generate::Forward`].
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,22 @@ fn pieces(first: usize, n: usize, start: usize, stop: usize) -> Vec<Range<usize>
         return std::iter::once(start..start).collect();
     }
     slices(hi - lo).map(|r| lo + r.start..lo + r.end).collect()
+}
+
+/// One slice of a micro-batch's scored rows for the last stage: `rows` (positions of the
+/// request), the first of them within the micro-batch, and whether more of its slices follow.
+struct SliceRequest {
+    rows: Range<usize>,
+    first: usize,
+    more: bool,
+}
+
+/// The last stage's slices to score not yet sent, in order, and the rows of each one sent and
+/// not yet answered.
+#[derive(Default)]
+struct Pending {
+    requests: VecDeque<SliceRequest>,
+    awaiting: VecDeque<usize>,
 }
 
 pub struct Driver<'m, T: Transport> {
@@ -128,6 +145,7 @@ impl<'m, T: Transport> Driver<'m, T> {
         // Stage 0's steps of the forward-only schedule: micro-batch i holds positions
         // starts[i]..starts[i + 1] (sizes differing by at most one).
         let starts: Vec<usize> = (0..=m).map(|i| i * (n / m) + i.min(n % m)).collect();
+        let mut pending = Pending::default();
         for step in &forward_only(n_stages, m)[0] {
             let Step::Forward(i) = *step else {
                 return Err(Error::Model(
@@ -178,50 +196,28 @@ impl<'m, T: Transport> Driver<'m, T> {
             if n_stages == 1 {
                 self.logits.extend_from_slice(&self.state.logits);
             } else {
+                if let (Some(s), 2) = (score.as_mut(), n_stages) {
+                    // The last stage takes this micro-batch after every slice of the one before.
+                    self.flush_requests(s, &mut pending)?;
+                }
                 let hidden = std::mem::take(&mut self.hidden);
                 self.t.send(1, Message::Forward { header, hidden })?;
             }
             if let (Some(s), Some(scored)) = (score.as_mut(), scored) {
                 for (j, r) in scored.iter().enumerate() {
-                    let mut base = Vec::new();
-                    if s.how == Reduce::Compare {
-                        s.rows.base(r.len(), &mut base)?;
-                    }
-                    let msg = Message::Score {
-                        how: s.how,
+                    pending.requests.push_back(SliceRequest {
+                        rows: r.clone(),
                         first: r.start - starts[i],
-                        targets: s.targets_of(r).to_vec(),
-                        base,
                         more: j + 1 < scored.len(),
-                    };
-                    self.t.send(n_stages - 1, msg)?;
+                    });
                 }
+                self.send_requests(s, &mut pending)?;
             }
         }
-        if let Some(s) = score {
-            if n_stages > 1 {
-                // One reply per slice, in order.
-                let per = s.how.out_bytes(self.model.config.n_vocab);
-                let all =
-                    (0..m).flat_map(|i| pieces(s.first, s.targets.len(), starts[i], starts[i + 1]));
-                for r in all {
-                    match self.t.recv(n_stages - 1)? {
-                        Message::Scores(v) if v.len() == r.len() * per => s.rows.put(&v)?,
-                        Message::Scores(v) => {
-                            return Err(Error::Model(format!(
-                                "the last stage sent {} bytes of scores for {} rows of {per}",
-                                v.len(),
-                                r.len()
-                            )))
-                        }
-                        other => {
-                            return Err(Error::Model(format!(
-                                "stage 0 expected scores from the last stage, got {}",
-                                other.kind()
-                            )))
-                        }
-                    }
-                }
+        if let Some(mut s) = score {
+            self.flush_requests(&mut s, &mut pending)?;
+            while !pending.awaiting.is_empty() {
+                self.recv_scores(&mut s, &mut pending)?;
             }
             return Ok(());
         }
@@ -249,6 +245,63 @@ impl<'m, T: Transport> Driver<'m, T> {
             )));
         }
         Ok(())
+    }
+
+    /// Sends the last stage the next of `p.requests` while fewer than a window of them wait for
+    /// an answer: every one at once when a row's result is a number, one at a time when rows
+    /// carry base records (98 KB a row for SmolLM2's vocabulary: a chunk's would otherwise wait
+    /// in messages, 25 MB, on this stage when comparing or on the last when saving a base).
+    fn send_requests(&mut self, s: &mut Scoring<'_>, p: &mut Pending) -> Result<()> {
+        let window = if s.how == Reduce::Nll { usize::MAX } else { 1 };
+        while p.awaiting.len() < window {
+            let Some(q) = p.requests.pop_front() else {
+                return Ok(());
+            };
+            let mut base = Vec::new();
+            if s.how == Reduce::Compare {
+                s.rows.base(q.rows.len(), &mut base)?;
+            }
+            let msg = Message::Score {
+                how: s.how,
+                first: q.first,
+                targets: s.targets_of(&q.rows).to_vec(),
+                base,
+                more: q.more,
+            };
+            self.t.send(self.t.n_stages() - 1, msg)?;
+            p.awaiting.push_back(q.rows.len());
+        }
+        Ok(())
+    }
+
+    /// Sends every request of `p`, taking answers as the window needs.
+    fn flush_requests(&mut self, s: &mut Scoring<'_>, p: &mut Pending) -> Result<()> {
+        self.send_requests(s, p)?;
+        while !p.requests.is_empty() {
+            self.recv_scores(s, p)?;
+            self.send_requests(s, p)?;
+        }
+        Ok(())
+    }
+
+    /// The last stage's answer to the oldest request waiting, handed to `s.rows`.
+    fn recv_scores(&mut self, s: &mut Scoring<'_>, p: &mut Pending) -> Result<()> {
+        let per = s.how.out_bytes(self.model.config.n_vocab);
+        let rows = p
+            .awaiting
+            .pop_front()
+            .ok_or_else(|| Error::Model("stage 0 waits for scores it did not ask for".into()))?;
+        match self.t.recv(self.t.n_stages() - 1)? {
+            Message::Scores(v) if v.len() == rows * per => s.rows.put(&v),
+            Message::Scores(v) => Err(Error::Model(format!(
+                "the last stage sent {} bytes of scores for {rows} rows of {per}",
+                v.len(),
+            ))),
+            other => Err(Error::Model(format!(
+                "stage 0 expected scores from the last stage, got {}",
+                other.kind()
+            ))),
+        }
     }
 
     /// Tells the other stages to end; returns this stage's statistics.

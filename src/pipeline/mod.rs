@@ -53,10 +53,13 @@ pub fn mpi_rank() -> Option<usize> {
 /// this machine for threads, estimated from the shapes under MPI (every rank must derive the same
 /// plan without touching the other stages' weights).
 pub fn plan(model: &Model, opts: &Options, shape: &RunShape) -> Result<Plan> {
-    let costs = if mpi_rank().is_some() {
-        Costs::estimate(model)
-    } else {
-        Costs::measure(model, 64)?
+    let costs = match (&shape.training, mpi_rank().is_some()) {
+        (None, true) => Costs::estimate(model),
+        (None, false) => Costs::measure(model, 64)?,
+        (Some(_), true) => Costs::estimate_training(model),
+        // Only the split needs the costs: with --stage-layers they are not measured.
+        (Some(_), false) if opts.stage_layers.is_some() => Costs::estimate_training(model),
+        (Some(t), false) => Costs::measure_training(model, &t.lora, shape.mb_tokens)?,
     };
     let Some(layers) = &opts.stage_layers else {
         return partition::partition(&costs, shape, opts.n_stages, opts.memory_per_worker);
@@ -84,10 +87,7 @@ pub fn plan(model: &Model, opts: &Options, shape: &RunShape) -> Result<Plan> {
                 s.layers.end - 1,
                 mib(s.peak_bytes),
                 mib(limit),
-                match partition::smallest_fitting(&costs, shape, limit) {
-                    Some(k) => format!("the smallest number of stages that fits is {k}"),
-                    None => "no number of stages fits".into(),
-                }
+                partition::what_fits(&costs, shape, limit)
             )));
         }
     }

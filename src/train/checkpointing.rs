@@ -71,12 +71,29 @@ impl Checkpoint {
     /// Bytes of activations held at the peak of a step of `n` tokens: the segment inputs kept
     /// plus the tapes of one segment (all layers' tapes for `None`).
     pub fn activation_bytes(self, c: &Config, n: usize) -> usize {
-        let segs = self.segments(c.n_layer);
-        let tape = LayerTape::bytes_for(c, n);
-        let longest = segs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let (tape, x) = (LayerTape::bytes_for(c, n), 4 * n * c.n_embd);
+        self.stash_bytes(c.n_layer, tape, x)
+            .max(self.recompute_bytes(c.n_layer, tape, x))
+    }
+
+    /// Bytes one sequence's [`Stash`] holds over `n_layer` layers between its forward and its
+    /// backward, with `tape` bytes of tape per layer and `x` bytes of hidden states: every tape
+    /// without checkpointing, else every segment's input and the last segment's tapes.
+    pub fn stash_bytes(self, n_layer: usize, tape: usize, x: usize) -> usize {
+        let segs = self.segments(n_layer);
         match self {
-            Checkpoint::None => c.n_layer * tape,
-            _ => segs.len() * 4 * n * c.n_embd + longest * tape,
+            Checkpoint::None => n_layer * tape,
+            _ => segs.len() * x + segs.last().map_or(0, |s| s.len()) * tape,
+        }
+    }
+
+    /// The most bytes a [`Stash::backward`] over `n_layer` layers holds while re-running a
+    /// segment: the inputs still kept and the longest segment's tapes (0 without checkpointing).
+    pub fn recompute_bytes(self, n_layer: usize, tape: usize, x: usize) -> usize {
+        let segs = self.segments(n_layer);
+        match self {
+            Checkpoint::None => 0,
+            _ => segs.len() * x + segs.iter().map(|s| s.len()).max().unwrap_or(0) * tape,
         }
     }
 }

@@ -48,44 +48,38 @@ impl Estimate {
     }
 }
 
-/// The estimate for `model` trained with `opts`.
+/// The estimate for `model` trained with `opts` by one worker (one sequence's activations at a
+/// time, every layer).
 pub fn estimate(model: &Model, opts: &TrainOptions) -> Estimate {
     let c = &model.config;
     let w = &model.weights;
     let n = opts.seq_len;
     let weights =
         w.matrices().map(|m| m.n_bytes()).sum::<usize>() + 4 * c.n_embd * (2 * c.n_layer + 1);
-    let largest = w
-        .layers
-        .iter()
-        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
-        .map(|m| m.rows * m.cols)
-        .max()
-        .unwrap_or(0);
-    // The dequantized weight of one product; under QAT also its gradient, the merged weight
-    // and the adapter's delta (the backward of clipped and lsq).
-    let work_mats = if opts.qat == QatMode::None { 1 } else { 4 };
-    // Under QAT each adapted matrix is also held fake-quantized for the step, in its own format;
-    // lsq learns a scale (and minimum) per group: value, gradient (twice: the step's and the
-    // accumulated) and AdamW's two moments.
-    let (mut qat_cache, mut grid_values) = (0, 0);
-    if opts.qat != QatMode::None {
-        for lw in &w.layers {
-            for &t in &opts.lora.targets {
-                let m = super::fake_quant::matrix(lw, t);
-                qat_cache += m.n_bytes();
-                if let (QatMode::Lsq, Some(p)) = (opts.qat, crate::quant::pq::Pq::of_ggml(m.ty)) {
-                    grid_values +=
-                        m.rows * m.cols.div_ceil(p.group as usize) * (2 - p.sym as usize);
-                }
-            }
-        }
+    let state = layer_state_bytes(model, opts);
+    Estimate {
+        weights: weights + state.qat.iter().sum::<usize>(),
+        activations: opts.checkpoint.activation_bytes(c, n),
+        head: head_bytes(model, n),
+        work: work_bytes(model, opts),
+        adapters: state.adapters.iter().sum(),
+        runtime: RUNTIME_BYTES,
     }
-    // Per-layer gradient buffers of the backward (dx, dxn, dgate, dup, dh, dq, dk, dv, datt).
-    let grads_live = 4 * n * (3 * c.n_embd + 3 * c.n_ff + 2 * c.q_dim() + 2 * c.kv_dim());
-    let work = 4 * largest * work_mats + grads_live;
-    // Logits of every position, the head's f32 tile, and the final norm's buffers.
-    let head = 4 * n * c.n_vocab + 4 * 4096 * c.n_embd + 4 * 4 * n * c.n_embd;
+}
+
+/// What training keeps per layer besides the base weights, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerState {
+    /// The adapters, their gradients and AdamW's two moments (and under `--qat lsq` each group's
+    /// learned scale and minimum with the same four, plus the step's gradient).
+    pub adapters: Vec<usize>,
+    /// Under QAT, each adapted matrix held fake-quantized for the step, in its own format.
+    pub qat: Vec<usize>,
+}
+
+/// [`LayerState`] of every layer of `model` under `opts`.
+pub fn layer_state_bytes(model: &Model, opts: &TrainOptions) -> LayerState {
+    let c = &model.config;
     let lora_params: usize = opts
         .lora
         .targets
@@ -94,16 +88,54 @@ pub fn estimate(model: &Model, opts: &TrainOptions) -> Estimate {
             let (r, k) = t.shape(c);
             opts.lora.rank * (r + k)
         })
-        .sum::<usize>()
-        * c.n_layer;
-    Estimate {
-        weights: weights + qat_cache,
-        activations: opts.checkpoint.activation_bytes(c, n),
-        head,
-        work,
-        adapters: 4 * 4 * lora_params + 5 * 4 * grid_values,
-        runtime: RUNTIME_BYTES,
+        .sum();
+    let (mut adapters, mut qat) = (Vec::new(), Vec::new());
+    for lw in &model.weights.layers {
+        // lsq learns a scale (and minimum) per group: value, gradient (twice: the step's and the
+        // accumulated) and AdamW's two moments.
+        let (mut cache, mut grid_values) = (0, 0);
+        if opts.qat != QatMode::None {
+            for &t in &opts.lora.targets {
+                let m = super::fake_quant::matrix(lw, t);
+                cache += m.n_bytes();
+                if let (QatMode::Lsq, Some(p)) = (opts.qat, crate::quant::pq::Pq::of_ggml(m.ty)) {
+                    grid_values +=
+                        m.rows * m.cols.div_ceil(p.group as usize) * (2 - p.sym as usize);
+                }
+            }
+        }
+        adapters.push(4 * 4 * lora_params + 5 * 4 * grid_values);
+        qat.push(cache);
     }
+    LayerState { adapters, qat }
+}
+
+/// The output head's part (on the last stage): logits of every position of a sequence of `n`
+/// tokens (their gradient is computed in place), the head's f32 tile and the final norm's
+/// buffers.
+pub fn head_bytes(model: &Model, n: usize) -> usize {
+    let c = &model.config;
+    4 * n * c.n_vocab + 4 * 4096 * c.n_embd + 4 * 4 * n * c.n_embd
+}
+
+/// The f32 work buffers of the dense products (every worker): the dequantized weight of one
+/// product (under QAT also its gradient, the merged weight and the adapter's delta, for the
+/// backward of clipped and lsq) and the backward's per-layer gradient buffers (dx, dxn, dgate,
+/// dup, dh, dq, dk, dv, datt).
+pub fn work_bytes(model: &Model, opts: &TrainOptions) -> usize {
+    let c = &model.config;
+    let n = opts.seq_len;
+    let largest = model
+        .weights
+        .layers
+        .iter()
+        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+        .map(|m| m.rows * m.cols)
+        .max()
+        .unwrap_or(0);
+    let work_mats = if opts.qat == QatMode::None { 1 } else { 4 };
+    let grads_live = 4 * n * (3 * c.n_embd + 3 * c.n_ff + 2 * c.q_dim() + 2 * c.kv_dim());
+    4 * largest * work_mats + grads_live
 }
 
 /// Checks the estimate against `budget`; when it does not fit, the error gives the estimate and

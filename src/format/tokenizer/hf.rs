@@ -133,6 +133,8 @@ impl Tokenizer {
             add_bos,
             add_eos,
             pre: llama_cpp_pre(&raw).unwrap_or_else(|| "tokenizer.json".into()),
+            // A tokenizer.json may normalize or pre-tokenize in ways `safe_cut` does not know.
+            cut_lines: false,
         }))
     }
 

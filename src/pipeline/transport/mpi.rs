@@ -161,14 +161,19 @@ impl MpiTransport<'_> {
     /// Sends a header and then `data` without waiting for the receiver (as `send` does for f32
     /// data).
     fn send_bytes(&mut self, to: usize, head: [u64; 6], data: Vec<u8>) -> Result<()> {
+        self.world.process_at_rank(to as i32).send(&head[..]);
+        self.send_data(to, data);
+        Ok(())
+    }
+
+    /// Sends `data` without waiting for the receiver; the buffer lives until the send completes.
+    fn send_data(&mut self, to: usize, data: Vec<u8>) {
         let p = self.world.process_at_rank(to as i32);
-        p.send(&head[..]);
         self.reap();
         let buf: &'static mut [u8] = Box::leak(data.into_boxed_slice());
         let ptr: *mut [u8] = buf;
         let req = p.immediate_send(StaticScope, &*buf);
         self.in_flight.push(InFlight::Bytes(req, ptr));
-        Ok(())
     }
 }
 
@@ -204,20 +209,25 @@ impl Transport for MpiTransport<'_> {
                 base,
                 more,
             } => {
-                let mut bytes = Vec::with_capacity(4 * targets.len() + base.len());
+                let mut bytes = Vec::with_capacity(4 * targets.len());
                 targets
                     .iter()
                     .for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
-                bytes.extend_from_slice(&base);
                 let head = [
                     SCORE,
                     how.code() | u64::from(more) << 8,
                     first as u64,
                     targets.len() as u64,
                     base.len() as u64,
-                    bytes.len() as u64,
+                    (bytes.len() + base.len()) as u64,
                 ];
-                return self.send_bytes(to, head, bytes);
+                self.send_bytes(to, head, bytes)?;
+                // The base records (a slice's are megabytes) follow as a message of their own,
+                // sent from their buffer rather than copied after the targets.
+                if !base.is_empty() {
+                    self.send_data(to, base);
+                }
+                return Ok(());
             }
             Message::Scores(v) => {
                 return self.send_bytes(to, [SCORES, 0, 0, 0, 0, v.len() as u64], v)
@@ -306,8 +316,12 @@ impl Transport for MpiTransport<'_> {
                 if n.checked_mul(4).and_then(|b| b.checked_add(base_len)) != Some(head[5]) {
                     return Err(bad());
                 }
-                let mut v = bytes(head[5])?;
-                let base = v.split_off(4 * n as usize);
+                let v = bytes(4 * n)?;
+                let base = if base_len > 0 {
+                    bytes(base_len)?
+                } else {
+                    Vec::new()
+                };
                 let targets = v
                     .chunks_exact(4)
                     .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
