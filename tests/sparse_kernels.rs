@@ -71,10 +71,23 @@ fn truth(
                 continue;
             }
             let xj = q8.d[j / 32] as f64 * q8.qs[j] as f64;
+            // The kernels sum `d·Σ a·c` and `m·Σ a` apart, which may cancel to far less than
+            // Σ |w·x|: bound each term by the format's (|d|·2^k + |m|)·|x| instead.
+            let so = l.scales_offset(j / l.group());
+            let f16_at = |at: usize| {
+                let b = w.bytes();
+                half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32().abs() as f64
+            };
             for (t, o) in outs.clone().enumerate() {
                 let v = xj * dense[o * l.n_in + j] as f64;
                 y[t] += v;
-                mag[t] += v.abs();
+                let d = f16_at(so + 2 * o);
+                let m = if l.pq.sym {
+                    0.0
+                } else {
+                    f16_at(so + 2 * l.n_out_pad() + 2 * o)
+                };
+                mag[t] += xj.abs() * (d * (1u32 << l.pq.bits) as f64 + m);
             }
         }
     }
