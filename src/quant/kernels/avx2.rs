@@ -27,17 +27,6 @@ pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// 16 bytes of nibbles to 32 bytes: low nibbles first, then high nibbles (ggml's order).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-    let q = _mm_loadu_si128(p as *const __m128i);
-    let m = _mm_set1_epi8(0x0F);
-    let lo = _mm_and_si128(q, m);
-    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
-    _mm256_set_m128i(hi, lo)
-}
-
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn load_x(x: &Q8Row, b: usize) -> __m256i {
@@ -132,7 +121,7 @@ macro_rules! q8_kernels {
                 let blk = wp.add(b * 20);
                 let d = f16_at(blk);
                 let m = f16_at(blk.add(2));
-                let wv = unpack_nibbles(blk.add(4));
+                let wv = plane4(blk.add(4));
                 for t in 0..N {
                     let x = xs.get_unchecked(t);
                     let p = dot_u8_i8(wv, load_x(x, b));
@@ -173,7 +162,7 @@ macro_rules! q8_kernels {
                     let blk = w.add(r * row_bytes + b * 20);
                     let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
                     let prod = _mm_mul_ps(dm, xds);
-                    let p = dot_u8_i8(unpack_nibbles(blk.add(4)), xv);
+                    let p = dot_u8_i8(plane4(blk.add(4)), xv);
                     acc[r] = _mm256_fmadd_ps(p, _mm256_broadcastss_ps(prod), acc[r]);
                     mins[r] = _mm_add_ps(mins[r], prod);
                 }
@@ -222,7 +211,7 @@ macro_rules! q8_kernels {
                 let d = f16_at(blk);
                 // The stored nibble is q + 8; the integer product uses q itself, as in the
                 // scalar reference, with the sign moved onto x as for Q8_0.
-                let wv = _mm256_sub_epi8(unpack_nibbles(blk.add(2)), _mm256_set1_epi8(8));
+                let wv = _mm256_sub_epi8(plane4(blk.add(2)), _mm256_set1_epi8(8));
                 let aw = _mm256_sign_epi8(wv, wv);
                 for t in 0..N {
                     let x = xs.get_unchecked(t);

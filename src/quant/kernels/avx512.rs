@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{f16_at, hsum, load_x, unpack_nibbles};
+use super::avx2::{f16_at, hsum, load_x};
 use super::pq_simd::{group_sums, plane2, plane4};
 use crate::quant::activation::Q8Row;
 use crate::quant::pq::Pq;
