@@ -377,4 +377,49 @@ fn tuning_over_two_ranks_equals_one_worker() {
             }
         }
     }
+    // Resuming over the ranks (rank 0 checks the data; the others read none) continues as one
+    // worker resumed from its own checkpoint does.
+    let resumed = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        let mut v = tune(out, extra);
+        let at = v.iter().position(|a| a == "--steps").unwrap();
+        v[at + 1] = "4".into();
+        v.extend(["--resume".to_string(), out.to_str().unwrap().to_string()]);
+        v
+    };
+    let o = Command::new(pare())
+        .args(resumed(&one, &["--accum", "2"]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("1f1b");
+    let staged = [
+        "--stages",
+        "2",
+        "--micro-batches",
+        "2",
+        "--stage-layers",
+        "0-1,2-3",
+        "--schedule",
+        "1f1b",
+    ];
+    let args = resumed(&out, &staged);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = mpirun(2, &[], &args);
+    assert!(
+        o.status.success(),
+        "resume: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (want, got) = (history(&one), history(&out));
+    assert_eq!((want.len(), got.len()), (4, 4));
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g.0 - w.0).abs() <= 1e-4 * w.0.abs(),
+            "resumed: loss {g:?} vs {w:?}"
+        );
+        assert!(
+            (g.1 - w.1).abs() <= 1e-4 * w.1.abs(),
+            "resumed: validation {g:?} vs {w:?}"
+        );
+    }
 }
