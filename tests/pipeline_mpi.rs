@@ -1,7 +1,8 @@
 //! Pipeline stages as MPI ranks (cargo feature `mpi`; needs `mpirun` from Open MPI): 2 and 3 ranks
 //! on loopback and 2 ranks as two "hosts" over MPI's TCP transport give the single-worker
 //! perplexity and greedy text; a wrong rank count or a dead rank ends the job with an error;
-//! `pare tune` over 2 ranks trains the adapters one worker trains.
+//! `pare tune` over 2 ranks trains the adapters one worker trains, with its training and
+//! validation losses.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -255,7 +256,9 @@ fn a_dead_rank_ends_the_job() {
 }
 
 /// `pare tune` on a small synthetic model: one worker with 2 sequences a step, and 2 MPI ranks
-/// (one stage each, 2 micro-batches under `schedule`) must train the same adapters.
+/// (one stage each, 2 micro-batches under `schedule`) must train the same adapters, with the same
+/// training and validation loss at every step (validation through the stages, only rank 0
+/// reading the data); so must 2 stages as threads.
 #[test]
 fn tuning_over_two_ranks_equals_one_worker() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,6 +284,8 @@ fn tuning_over_two_ranks_equals_one_worker() {
             "q,v,down",
             "--val-split",
             "0.2",
+            "--eval-every",
+            "1",
             "-t",
             "1",
             "-o",
@@ -304,28 +309,62 @@ fn tuning_over_two_ranks_equals_one_worker() {
         s[at..].split(';').next().unwrap().to_string()
     };
     let reference = loss(&o);
+    // Every step's training and validation loss, all digits, from the checkpoint's history.
+    let history = |out: &std::path::Path| -> Vec<(f64, f64)> {
+        let p = out.join("checkpoint").join("trainer_state.json");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        j["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["loss"].as_f64().unwrap(), r["val_loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let want_history = history(&one);
+    assert_eq!(want_history.len(), 3);
+    let same_history = |what: &str, got: Vec<(f64, f64)>| {
+        assert_eq!(got.len(), want_history.len(), "{what}");
+        for (step, (g, w)) in got.iter().zip(&want_history).enumerate() {
+            assert!(
+                (g.0 - w.0).abs() <= 1e-4 * w.0.abs(),
+                "{what} step {step}: loss {g:?} vs {w:?}"
+            );
+            assert!(
+                (g.1 - w.1).abs() <= 1e-4 * w.1.abs(),
+                "{what} step {step}: validation {g:?} vs {w:?}"
+            );
+        }
+    };
     let config = pare::model::Model::load(&base).unwrap().config;
     let want = pare::model::Lora::load(&one, &config).unwrap();
     for schedule in ["gpipe", "1f1b"] {
         let out = dir.path().join(schedule);
-        let args = tune(
-            &out,
-            &[
-                "--stages",
-                "2",
-                "--micro-batches",
-                "2",
-                "--stage-layers",
-                "0-1,2-3",
-                "--schedule",
-                schedule,
-            ],
-        );
+        let staged = [
+            "--stages",
+            "2",
+            "--micro-batches",
+            "2",
+            "--stage-layers",
+            "0-1,2-3",
+            "--schedule",
+            schedule,
+        ];
+        let args = tune(&out, &staged);
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let o = mpirun(2, &[], &args);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{schedule}: {stderr}");
         assert_eq!(loss(&o), reference, "{schedule}");
+        same_history(schedule, history(&out));
+        // The same stages as threads of one process.
+        let threads = dir.path().join(format!("{schedule}-threads"));
+        let t = Command::new(pare())
+            .args(tune(&threads, &staged))
+            .output()
+            .unwrap();
+        assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
+        same_history(&format!("{schedule} threads"), history(&threads));
         assert!(stderr.contains("rank 1: layers 2-3"), "{stderr}");
         let got = pare::model::Lora::load(&out, &config).unwrap();
         for (a, b) in want.params().zip(got.params()) {
@@ -337,5 +376,50 @@ fn tuning_over_two_ranks_equals_one_worker() {
                 );
             }
         }
+    }
+    // Resuming over the ranks (rank 0 checks the data; the others read none) continues as one
+    // worker resumed from its own checkpoint does.
+    let resumed = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        let mut v = tune(out, extra);
+        let at = v.iter().position(|a| a == "--steps").unwrap();
+        v[at + 1] = "4".into();
+        v.extend(["--resume".to_string(), out.to_str().unwrap().to_string()]);
+        v
+    };
+    let o = Command::new(pare())
+        .args(resumed(&one, &["--accum", "2"]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("1f1b");
+    let staged = [
+        "--stages",
+        "2",
+        "--micro-batches",
+        "2",
+        "--stage-layers",
+        "0-1,2-3",
+        "--schedule",
+        "1f1b",
+    ];
+    let args = resumed(&out, &staged);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = mpirun(2, &[], &args);
+    assert!(
+        o.status.success(),
+        "resume: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (want, got) = (history(&one), history(&out));
+    assert_eq!((want.len(), got.len()), (4, 4));
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g.0 - w.0).abs() <= 1e-4 * w.0.abs(),
+            "resumed: loss {g:?} vs {w:?}"
+        );
+        assert!(
+            (g.1 - w.1).abs() <= 1e-4 * w.1.abs(),
+            "resumed: validation {g:?} vs {w:?}"
+        );
     }
 }

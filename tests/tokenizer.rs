@@ -256,6 +256,27 @@ fn text_in_pieces_tokenizes_as_whole() {
         );
         assert_eq!(pieces.concat(), whole, "{piece_bytes}-byte pieces");
     }
+    // Lines that start without a space, as a play's or prose's do ("Citizen:\nBefore"): the same
+    // file with each paragraph's blank line and spaces around it taken off (" .\nThe").
+    let text = text.replace(" \n \n ", "\n");
+    let whole: Vec<u32> = pieces_of(&tok, &text, usize::MAX).concat();
+    for (piece_bytes, min) in [
+        (pare::format::tokenizer::PIECE_BYTES, 12),
+        (4096, 150),
+        (1, 500),
+    ] {
+        let pieces = pieces_of(&tok, &text, piece_bytes);
+        assert!(
+            pieces.len() >= min,
+            "{piece_bytes}-byte pieces: only {} pieces",
+            pieces.len()
+        );
+        assert_eq!(
+            pieces.concat(),
+            whole,
+            "bare lines, {piece_bytes}-byte pieces"
+        );
+    }
 }
 
 /// Cut points are only line starts that tokenize the same apart; the places next to them that
@@ -265,7 +286,8 @@ fn cuts_only_where_the_split_expressions_end_a_word() {
     use pare::format::tokenizer::safe_cut;
     let tok = tokenizer();
     let enc = |s: &str| tok.encode(s, false, false).unwrap();
-    let text = "a.\n\n 12 is \n = = B = = \n \n Word , \n\n\nx \r\n Yes\n Ünï 3\n  z\n b";
+    let text = "a.\n\n 12 is \n = = B = = \n \n Word , \n\n\nx \r\n Yes\n Ünï 3\n  z\n b\
+                Citizen:\nBefore we go,\nSpeak 4\nNo end \nMe\n\nThee\u{a0}\nHim\r\nYou";
     let mut cuts = 0;
     for p in 1..text.len() {
         if !text.is_char_boundary(p) {
@@ -277,12 +299,25 @@ fn cuts_only_where_the_split_expressions_end_a_word() {
             assert_eq!(apart, enc(text), "cut at {p} ({:?})", &text[p..]);
         }
     }
-    assert_eq!(cuts, 3, "the three line starts ' Word', ' Yes', ' b'");
+    assert_eq!(
+        cuts, 6,
+        "the line starts ' Word', ' Yes', ' b', 'Before', 'Speak', 'No'"
+    );
     // Why not every line start: a digit or '=' after the space, or a second newline, changes
-    // the words on the left of the cut.
+    // the words on the left of the cut; so does whitespace before a bare line's newline.
     for (p, why) in [(4, "\\n 12"), (13, "\\n ="), (3, "\\n\\n")] {
         assert!(!safe_cut(text, p), "{why}");
     }
+    for before in ["end \nMe", "\n\nThee", "\u{a0}\nHim", "\r\nYou"] {
+        let p = text.find(before).unwrap() + before.rfind('\n').unwrap() + 1;
+        assert!(!safe_cut(text, p), "{before:?}");
+    }
+    let p = text.find("end \nMe").unwrap() + 5;
+    assert_ne!(
+        [enc(&text[..p]), enc(&text[p..])].concat(),
+        enc(text),
+        "cutting after ' \\n' would change the ids (so the rule is needed)"
+    );
     let p = text.find("\n 12").unwrap() + 1;
     assert_ne!(
         [enc(&text[..p]), enc(&text[p..])].concat(),

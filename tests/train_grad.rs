@@ -103,6 +103,59 @@ fn training_loss_matches_the_inference_forward_with_adapters() {
     }
 }
 
+/// The head's loss is computed tile by tile of the vocabulary with a running log-sum-exp (the
+/// logits are never held whole): small tiles, the last one shorter, give the one-tile loss and
+/// gradient (a synthetic vocabulary of 256 fits one tile of the default size).
+#[test]
+fn head_loss_over_many_tiles_equals_one_tile() {
+    let (_dir, model) = synthetic("llama", "q8_0");
+    let lora = random_lora(&model, 2, 9);
+    let t = Trainable {
+        model: &model,
+        lora: &lora,
+        merged: None,
+        dropout_seed: None,
+    };
+    let toks = tokens(20);
+    let n = toks.len() - 1;
+    // Unequal weights, one position unscored.
+    let w: Vec<f32> = (0..n)
+        .map(|i| if i == 3 { 0.0 } else { 0.5 + i as f32 / 19.0 })
+        .collect();
+    let mut x = t.embed(&toks[..n]).unwrap();
+    t.forward_layers(0..model.config.n_layer, &mut x, false)
+        .unwrap();
+    let nv = model.config.n_vocab;
+    let mut want_dx = vec![0.0; x.len()];
+    let want = t
+        .head_loss_tiled(&x, &toks[1..], &w, Some(&mut want_dx), nv)
+        .unwrap();
+    for tile in [1, 7, 100, 255] {
+        let mut dx = vec![0.0; x.len()];
+        let got = t
+            .head_loss_tiled(&x, &toks[1..], &w, Some(&mut dx), tile)
+            .unwrap();
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs(),
+            "tile {tile}: {got} vs {want}"
+        );
+        let no_grad = t.head_loss_tiled(&x, &toks[1..], &w, None, tile).unwrap();
+        assert_eq!(
+            no_grad, got,
+            "tile {tile}: the loss does not depend on the gradient"
+        );
+        let scale = want_dx.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for (a, b) in dx.iter().zip(&want_dx) {
+            assert!((a - b).abs() <= 1e-5 * scale, "tile {tile}: dx {a} vs {b}");
+        }
+        // The unscored position gets no gradient.
+        let d = model.config.n_embd;
+        assert!(dx[3 * d..4 * d].iter().all(|&v| v == 0.0));
+    }
+    assert!(t.head_loss_tiled(&x, &toks[1..], &w, None, 0).is_err());
+}
+
 /// Checks analytic against central-difference derivatives; returns the worst relative error.
 fn check(what: &str, analytic: &[f64], numeric: &[f64]) {
     let scale = numeric

@@ -630,6 +630,65 @@ fn a_pipelined_step_equals_the_single_worker_step() {
     }
 }
 
+/// Validation runs through the stages like the training forward (each stage with its own layers
+/// and adapters; none are gathered): after one step, its loss over 2 and 3 stages equals the
+/// single worker's, with plain and fake-quantized adapters, on every validation sequence or a
+/// few.
+#[test]
+fn validation_through_stages_equals_the_single_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&synthetic(dir.path(), "q8_0", 6));
+    let samples = text_samples(&model, 16);
+    let (train, val) = data::split(samples, 0.3).unwrap();
+    assert!(val.len() >= 3, "{} validation sequences", val.len());
+    for (qat, eval_samples) in [(QatMode::None, 0), (QatMode::Ste, 2)] {
+        let o = TrainOptions {
+            lora: lora_cfg(&[Target::Q, Target::V, Target::Down]),
+            steps: 2,
+            seq_len: 16,
+            accum: 3,
+            warmup: 1,
+            qat,
+            eval_samples,
+            ..TrainOptions::default()
+        };
+        let mut one = Trainer::new(&model, o.clone(), train.clone(), val.clone()).unwrap();
+        let before = one.evaluate().unwrap().unwrap();
+        let rec = one.train_step().unwrap();
+        let want = one.evaluate().unwrap().unwrap();
+        assert!(
+            (want - before).abs() > 1e-6,
+            "{qat:?}: the step changed the loss"
+        );
+        for ranges in [vec![0..3, 3..6], vec![0..1, 1..4, 4..6]] {
+            let mut p = Trainer::new(&model, o.clone(), train.clone(), val.clone()).unwrap();
+            p.set_stages(stages_of(&ranges, Schedule::OneFOneB))
+                .unwrap();
+            let r = p.train_step().unwrap();
+            let got = p.evaluate().unwrap().unwrap();
+            let what = format!("{qat:?} {ranges:?}");
+            assert!(
+                (r.loss - rec.loss).abs() <= 1e-4 * rec.loss.abs(),
+                "{what}: loss"
+            );
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs(),
+                "{what}: validation loss {got} vs {want}"
+            );
+        }
+    }
+    // No validation sequences: no validation loss, over stages too.
+    let o = TrainOptions {
+        steps: 1,
+        seq_len: 16,
+        ..TrainOptions::default()
+    };
+    let mut p = Trainer::new(&model, o, train, Vec::new()).unwrap();
+    p.set_stages(stages_of(&[0..2, 2..6], Schedule::GPipe))
+        .unwrap();
+    assert_eq!(p.evaluate().unwrap(), None);
+}
+
 #[test]
 fn one_f_one_b_holds_at_most_n_micro_batches_per_stage() {
     let dir = tempfile::tempdir().unwrap();

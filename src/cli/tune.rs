@@ -102,8 +102,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model.lora.is_none(),
         "--lora adapters cannot be trained further; use --resume"
     );
-    let tok = model.tokenizer()?;
-    let template = model.chat_template()?;
     let checkpoint = Checkpoint::parse(&a.checkpoint)?;
     let accum = sequences_per_step(&a)?;
     let opts = TrainOptions {
@@ -130,25 +128,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         save_every: a.save_every,
         ..TrainOptions::default()
     };
-    let samples = data::load(&a.data, &tok, template.as_ref(), a.seq_len)?;
-    let (train, val) = data::split(samples, a.val_split)?;
     // A function, not a closure: under MPI the trainer borrows the rank's transport, which lives
-    // shorter than the model.
+    // shorter than the model. `read`: this process reads the data (under MPI, rank 0 alone).
     fn new_trainer<'m>(
         a: &Args,
         model: &'m pare::model::Model,
         opts: TrainOptions,
         checkpoint: Checkpoint,
-        data: (Vec<data::Sample>, Vec<data::Sample>),
+        read: bool,
     ) -> pare::Result<Trainer<'m>> {
-        let (train, val) = data;
+        let (steps, ck) = (Some(a.steps), Some(checkpoint));
+        if !read {
+            return match &a.resume {
+                Some(dir) => Trainer::resume_fed(model, dir, steps, ck),
+                None => Trainer::fed(model, opts),
+            };
+        }
+        let (train, val) = data::load_split(&a.data, model, a.seq_len, a.val_split)?;
         match &a.resume {
-            Some(dir) => Trainer::resume(model, dir, Some(a.steps), Some(checkpoint), train, val),
+            Some(dir) => Trainer::resume(model, dir, steps, ck, train, val),
             None => Trainer::new(model, opts, train, val),
         }
     }
     if !a.stages.active() {
-        return train_and_report(&a, new_trainer(&a, &model, opts, checkpoint, (train, val))?);
+        return train_and_report(&a, new_trainer(&a, &model, opts, checkpoint, true)?);
     }
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("1f1b").parse()?;
     let plan = a.stages.plan_training(&model, &opts, schedule)?;
@@ -160,7 +163,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     // Under mpirun each rank trains its own stage; an error on any rank ends the job.
     pare::pipeline::on_mpi_rank(&layers, |t| {
-        let mut trainer = new_trainer(&a, &model, opts, checkpoint, (train, val))?;
+        let read = t.as_ref().is_none_or(|t| t.stage() == 0);
+        let mut trainer = new_trainer(&a, &model, opts, checkpoint, read)?;
         match t {
             Some(t) => trainer.set_rank(t, stages)?,
             None => trainer.set_stages(stages)?,
@@ -231,7 +235,8 @@ fn train_and_report(a: &Args, mut trainer: Trainer) -> anyhow::Result<()> {
             r.lr,
             r.tokens_per_sec()
         ));
-        if let Some(v) = r.val_loss {
+        // Every MPI rank learns the validation loss; rank 0 alone prints it.
+        if let Some(v) = r.val_loss.filter(|_| !quiet) {
             pb.suspend(|| {
                 eprintln!(
                     "step {}: train loss {:.4}, validation loss {v:.4} (ppl {:.3})",

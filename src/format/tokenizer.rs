@@ -104,7 +104,9 @@ pub const PIECE_BYTES: usize = 64 << 10;
 
 /// Whether the text may be cut before byte `p` (`0 < p < text.len()`) and the two sides
 /// tokenized apart with the same ids as together: `p` starts a line with exactly one space
-/// before an ASCII letter (`"…\n Word"`, as most lines of WikiText start).
+/// before an ASCII letter (`"…\n Word"`, as most lines of WikiText start), or `p` is an ASCII
+/// letter starting a line whose newline follows a visible ASCII character (`"speak.\nAll"`, as
+/// most lines of plays and prose start).
 ///
 /// Why that is exact for every split expression of [`pre_tokenizer_spec`]: the whitespace run
 /// around the cut ends with the space at `p` and a letter after it. In the whole text GPT-2's
@@ -117,9 +119,30 @@ pub const PIECE_BYTES: usize = 64 << 10;
 /// behind. A letter, not any non-space: the expressions that split first (smollm's `\p{N}`, the
 /// default's punctuation) would otherwise end a piece after the space, where `\s+(?!\S)` then
 /// takes the whole run, space included. Byte-level BPE merges within words only.
+///
+/// The second form, a lone newline between a visible character and a letter: no expression
+/// takes a newline together with a letter after it (the optional prefixes of words are a space,
+/// or in llama3 / qwen2 a character other than `\r` and `\n`), nor a newline with a
+/// non-whitespace character before it into the same run (punctuation's `[\r\n]*` tail only
+/// appends newlines, and stops at the letter). So in the whole text the newline is a piece of
+/// its own (GPT-2: unmatched, since `\s+(?!\S)` fails before the letter, and kept as a piece; a
+/// llama3 / qwen2 `\s*[\r\n]+`) or the end of the punctuation before it, and the left side alone
+/// ends with the same piece (`\s+(?!\S)` matching it at the end); the right side starts at the
+/// letter either way. The character before must not be whitespace: `" \n"` or `"\n\n"` is one
+/// run at the end of the left side but two pieces in the whole text.
 pub fn safe_cut(text: &str, p: usize) -> bool {
     let b = text.as_bytes();
-    p >= 1 && p + 1 < b.len() && b[p - 1] == b'\n' && b[p] == b' ' && b[p + 1].is_ascii_alphabetic()
+    let spaced_word = p >= 1
+        && p + 1 < b.len()
+        && b[p - 1] == b'\n'
+        && b[p] == b' '
+        && b[p + 1].is_ascii_alphabetic();
+    let bare_word = p >= 2
+        && p < b.len()
+        && b[p - 1] == b'\n'
+        && b[p].is_ascii_alphabetic()
+        && b[p - 2].is_ascii_graphic();
+    spaced_word || bare_word
 }
 
 /// The end of the next piece of `text` for [`Tokenizer::encode_pieces`]: the first [`safe_cut`]

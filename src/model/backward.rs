@@ -571,6 +571,24 @@ impl Trainable<'_> {
         weight: &[f32],
         dx: Option<&mut [f32]>,
     ) -> Result<f64> {
+        self.head_loss_tiled(x, targets, weight, dx, HEAD_TILE)
+    }
+
+    /// [`Self::head_loss`] with the head taken `tile` rows at a time (the result does not depend
+    /// on it beyond rounding; a test checks the running log-sum-exp across tiles with small ones).
+    pub fn head_loss_tiled(
+        &self,
+        x: &[f32],
+        targets: &[u32],
+        weight: &[f32],
+        dx: Option<&mut [f32]>,
+        tile: usize,
+    ) -> Result<f64> {
+        if tile == 0 {
+            return Err(Error::Invalid(
+                "the head's tile needs at least one row".into(),
+            ));
+        }
         let c = self.config();
         let w = &self.model.weights;
         let (d, nv) = (c.n_embd, c.n_vocab);
@@ -595,46 +613,65 @@ impl Trainable<'_> {
         }
         let mut xn = vec![0.0f32; m * d];
         ops::rms_norm(&xs, &w.output_norm, c.rms_eps, &mut xn);
-        // Logits m × n_vocab, computed in tiles of the head so that its f32 copy stays small.
-        let mut logits = vec![0.0f32; m * nv];
+        // The logits are never held whole (m × n_vocab: 25 MB for 128 positions of a 49152-word
+        // vocabulary, the largest buffer of a training step): they are made one tile of the head
+        // at a time, twice. The first pass keeps each row's running max and sum of exponentials
+        // (the log-sum-exp, online) and its target's logit; the second remakes each tile's
+        // logits, turns them into dlogits = weight · (softmax − onehot) and accumulates their
+        // product with the tile into dxn.
         let mut tile_w = Vec::new();
         let mut tile_y = Vec::new();
-        for v0 in (0..nv).step_by(HEAD_TILE) {
-            let v1 = (v0 + HEAD_TILE).min(nv);
-            let tn = v1 - v0;
-            tile_w.resize(tn * d, 0.0);
-            dense::dequantize_rows(&w.output, v0, v1, &mut tile_w)?;
-            tile_y.resize(m * tn, 0.0);
-            matmul_nt(&xn, &tile_w, &mut tile_y, m, d, tn, false);
-            for i in 0..m {
-                logits[i * nv + v0..i * nv + v1].copy_from_slice(&tile_y[i * tn..(i + 1) * tn]);
+        let head_tile =
+            |v0: usize, tile_w: &mut Vec<f32>, tile_y: &mut Vec<f32>| -> Result<usize> {
+                let tn = (v0 + tile).min(nv) - v0;
+                tile_w.resize(tn * d, 0.0);
+                dense::dequantize_rows(&w.output, v0, v0 + tn, tile_w)?;
+                tile_y.resize(m * tn, 0.0);
+                matmul_nt(&xn, tile_w, tile_y, m, d, tn, false);
+                Ok(tn)
+            };
+        let mut max = vec![f32::NEG_INFINITY; m];
+        let mut sum = vec![0.0f64; m];
+        let mut target_logit = vec![0.0f32; m];
+        for v0 in (0..nv).step_by(tile) {
+            let tn = head_tile(v0, &mut tile_w, &mut tile_y)?;
+            for (i, &t) in rows.iter().enumerate() {
+                let row = &tile_y[i * tn..(i + 1) * tn];
+                let tile_max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                if tile_max > max[i] {
+                    sum[i] *= ((max[i] - tile_max) as f64).exp();
+                    max[i] = tile_max;
+                }
+                sum[i] += row
+                    .iter()
+                    .map(|&v| ((v - max[i]) as f64).exp())
+                    .sum::<f64>();
+                let k = targets[t] as usize;
+                if (v0..v0 + tn).contains(&k) {
+                    target_logit[i] = row[k - v0];
+                }
             }
         }
+        let lse: Vec<f64> = (0..m).map(|i| max[i] as f64 + sum[i].ln()).collect();
         let mut loss = 0.0f64;
         for (i, &t) in rows.iter().enumerate() {
-            let row = &mut logits[i * nv..(i + 1) * nv];
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let lse = max as f64 + sum.ln();
-            loss += weight[t] as f64 * (lse - row[targets[t] as usize] as f64);
-            // dlogits = weight · (softmax − onehot), left in place for the backward.
-            for v in row.iter_mut() {
-                *v = (weight[t] as f64 * ((*v as f64 - lse).exp())) as f32;
-            }
-            row[targets[t] as usize] -= weight[t];
+            loss += weight[t] as f64 * (lse[i] - target_logit[i] as f64);
         }
         let Some(dx) = dx else {
             return Ok(loss);
         };
         let mut dxn = vec![0.0f32; m * d];
-        for v0 in (0..nv).step_by(HEAD_TILE) {
-            let v1 = (v0 + HEAD_TILE).min(nv);
-            let tn = v1 - v0;
-            tile_w.resize(tn * d, 0.0);
-            dense::dequantize_rows(&w.output, v0, v1, &mut tile_w)?;
-            tile_y.resize(m * tn, 0.0);
-            for i in 0..m {
-                tile_y[i * tn..(i + 1) * tn].copy_from_slice(&logits[i * nv + v0..i * nv + v1]);
+        for v0 in (0..nv).step_by(tile) {
+            let tn = head_tile(v0, &mut tile_w, &mut tile_y)?;
+            for (i, &t) in rows.iter().enumerate() {
+                let row = &mut tile_y[i * tn..(i + 1) * tn];
+                for v in row.iter_mut() {
+                    *v = (weight[t] as f64 * ((*v as f64 - lse[i]).exp())) as f32;
+                }
+                let k = targets[t] as usize;
+                if (v0..v0 + tn).contains(&k) {
+                    row[k - v0] -= weight[t];
+                }
             }
             matmul_nn_scaled(&tile_y, &tile_w, &mut dxn, m, tn, d, 1.0, true);
         }
@@ -648,8 +685,9 @@ impl Trainable<'_> {
     }
 }
 
-/// Rows of the output head dequantized at a time.
-const HEAD_TILE: usize = 4096;
+/// Rows of the output head dequantized at a time: its f32 copy (n_embd floats a row) and the
+/// logits of a tile (one row per position) are the head's buffers during training.
+pub const HEAD_TILE: usize = 2048;
 
 fn grad_of(grads: &mut Lora, l: usize, t: Target) -> Result<&mut Adapter> {
     grads.layers[l][t as usize]

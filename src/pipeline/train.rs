@@ -57,12 +57,27 @@ impl StageState {
 
 /// One micro-batch: a sequence (`n + 1` token ids, predicting `tokens[1..]`) and the weight of
 /// each predicted position in the step's loss.
+///
+/// Only stage 0 reads `tokens` and `weight`: it embeds the ids and sends the last stage each
+/// micro-batch's targets and weights ([`Message::Batch`]), so that under MPI the other ranks
+/// never read, tokenize or hold the data (theirs are empty, see [`MicroBatch::fed`]).
 #[derive(Debug, Clone)]
 pub struct MicroBatch<'a> {
     pub tokens: &'a [u32],
     pub weight: Vec<f32>,
     /// Seed of this micro-batch's dropout masks (`None`: no dropout).
     pub dropout_seed: Option<u64>,
+}
+
+impl MicroBatch<'_> {
+    /// A micro-batch as a stage other than 0 knows it: no data, only its dropout seed.
+    pub fn fed(dropout_seed: Option<u64>) -> MicroBatch<'static> {
+        MicroBatch {
+            tokens: &[],
+            weight: Vec::new(),
+            dropout_seed,
+        }
+    }
 }
 
 /// What every stage of a step shares.
@@ -118,18 +133,12 @@ pub fn stage_step(
     part.grads.zero();
     // Micro-batches between their forward and backward: the stash, and on the last stage the
     // gradient at the stage's output that the loss gave.
-    let mut live: BTreeMap<usize, (Stash, Option<Vec<f32>>)> = BTreeMap::new();
+    let mut live: BTreeMap<usize, Live> = BTreeMap::new();
     let mut held = 0usize;
     let mut rep = StageReport::default();
     for step in steps {
         let (Step::Forward(i) | Step::Backward(i)) = step;
         let mb = &job.micro[i];
-        let len = mb.tokens.len().saturating_sub(1);
-        if len == 0 {
-            return Err(Error::Invalid(
-                "a training sequence needs at least 2 tokens".into(),
-            ));
-        }
         let tr = Trainable {
             model: job.model,
             lora: &part.lora,
@@ -138,32 +147,23 @@ pub fn stage_step(
         };
         match step {
             Step::Forward(_) => {
-                let received = if first {
-                    None
-                } else {
-                    Some(recv_for(t, me - 1, i, false)?)
-                };
+                let (mut x, targets) = take_input(t, &tr, mb, i)?;
                 let start = secs();
-                let mut x = match received {
-                    Some(x) => x,
-                    None => tr.embed(&mb.tokens[..len])?,
-                };
-                if x.len() != len * d {
-                    return Err(Error::Model(format!(
-                        "stage {me}: micro-batch {i} came with {} values for {len} positions",
-                        x.len()
-                    )));
+                if first {
+                    x = tr.embed(&mb.tokens[..mb.tokens.len() - 1])?;
                 }
+                let len = x.len() / d;
                 let stash = Stash::forward(&tr, part.layers.clone(), job.checkpoint, &mut x)?;
                 held += stash.bytes;
-                let dy = if last {
-                    let mut dx = vec![0.0f32; x.len()];
-                    rep.loss += tr.head_loss(&x, &mb.tokens[1..], &mb.weight, Some(&mut dx))?;
-                    Some(dx)
-                } else {
-                    None
+                let dy = match &targets {
+                    Some((targets, weight)) => {
+                        let mut dx = vec![0.0f32; x.len()];
+                        rep.loss += tr.head_loss(&x, targets, weight, Some(&mut dx))?;
+                        Some(dx)
+                    }
+                    None => None,
                 };
-                live.insert(i, (stash, dy));
+                live.insert(i, Live { stash, dy, len });
                 // The schedule's promise, checked where the activations live.
                 if live.len() > bound {
                     return Err(Error::Model(format!(
@@ -191,7 +191,7 @@ pub fn stage_step(
                 }
             }
             Step::Backward(_) => {
-                let (stash, dy) = live.remove(&i).ok_or_else(|| {
+                let Live { stash, dy, len } = live.remove(&i).ok_or_else(|| {
                     Error::Model(format!(
                         "stage {me}: backward of micro-batch {i} before its forward"
                     ))
@@ -244,6 +244,159 @@ pub fn stage_step(
     let mut params: Vec<&mut Vec<f32>> = part.lora.params_mut().collect();
     part.opt.step(&mut params, &grads, job.lr)?;
     Ok(rep)
+}
+
+/// A micro-batch between its forward and its backward on one stage.
+struct Live {
+    stash: Stash,
+    /// On the last stage: the gradient at the stage's output that the loss gave.
+    dy: Option<Vec<f32>>,
+    /// Its positions.
+    len: usize,
+}
+
+/// What stage `t.stage()` starts micro-batch `i`'s forward with: the hidden states from the stage
+/// before (empty on stage 0, which embeds `mb`'s ids itself), and on the last stage the targets
+/// and loss weights. Stage 0 sends the last stage those first (before its hidden states, which
+/// with two stages share the channel), so that only stage 0 reads the data.
+#[allow(clippy::type_complexity)]
+fn take_input(
+    t: &mut dyn Transport,
+    tr: &Trainable,
+    mb: &MicroBatch,
+    i: usize,
+) -> Result<(Vec<f32>, Option<(Vec<u32>, Vec<f32>)>)> {
+    let (me, n) = (t.stage(), t.n_stages());
+    let (first, last) = (me == 0, me + 1 == n);
+    let d = tr.model.config.n_embd;
+    if first {
+        let len = mb.tokens.len().saturating_sub(1);
+        if len == 0 {
+            return Err(Error::Invalid(
+                "a training sequence needs at least 2 tokens".into(),
+            ));
+        }
+        if mb.weight.len() != len {
+            return Err(Error::Invalid(format!(
+                "micro-batch {i}: {len} positions but {} loss weights",
+                mb.weight.len()
+            )));
+        }
+        let targets = (mb.tokens[1..].to_vec(), mb.weight.clone());
+        if last {
+            return Ok((Vec::new(), Some(targets)));
+        }
+        t.send(
+            n - 1,
+            Message::Batch {
+                micro: i,
+                targets: targets.0,
+                weight: targets.1,
+            },
+        )?;
+        return Ok((Vec::new(), None));
+    }
+    let targets = if last {
+        match t.recv(0)? {
+            Message::Batch {
+                micro,
+                targets,
+                weight,
+            } if micro == i && targets.len() == weight.len() => Some((targets, weight)),
+            other => {
+                return Err(Error::Model(format!(
+                    "stage {me} expected the targets of micro-batch {i} from stage 0, got {}",
+                    match other {
+                        Message::Batch { micro, .. } => format!("those of micro-batch {micro}"),
+                        _ => other.kind().to_string(),
+                    }
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    let x = recv_for(t, me - 1, i, false)?;
+    let len = x.len() / d;
+    let bad =
+        len == 0 || x.len() != len * d || targets.as_ref().is_some_and(|(t, _)| t.len() != len);
+    if bad {
+        return Err(Error::Model(format!(
+            "stage {me}: micro-batch {i} came with {} values{}",
+            x.len(),
+            match &targets {
+                Some((t, _)) => format!(" for {} positions", t.len()),
+                None => format!(", not a multiple of {d}"),
+            }
+        )));
+    }
+    Ok((x, targets))
+}
+
+/// Validation: the loss of each of `micro`'s sequences, summed, through the stages.
+pub struct EvalJob<'a> {
+    pub model: &'a Model,
+    pub merged: Option<&'a dyn MergedWeight>,
+    /// The sequences (with their weights: 1 where scored), on stage 0; the other stages need
+    /// none (their count comes from stage 0).
+    pub micro: Vec<MicroBatch<'a>>,
+}
+
+/// What a validation pass measured, the same on every stage.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EvalTotals {
+    pub sequences: usize,
+    /// The sum over sequences of each one's weighted loss.
+    pub loss: f64,
+    /// The weights' sum (the scored positions).
+    pub weight: f64,
+}
+
+/// Stage `t.stage()`'s part of a validation pass: the training forward without tapes, each
+/// stage with its own layers and adapters, the last stage summing the losses. No adapters move
+/// between stages, and no stage runs another's layers.
+pub fn stage_eval(t: &mut dyn Transport, part: &StageState, job: &EvalJob) -> Result<EvalTotals> {
+    let me = t.stage();
+    let first = me == 0;
+    // Only stage 0 knows how many sequences there are: the others learn it as a total to which
+    // they add nothing.
+    let own = if first { job.micro.len() as f64 } else { 0.0 };
+    let k = sum_over_stages(t, vec![own])?[0] as usize;
+    let tr = Trainable {
+        model: job.model,
+        lora: &part.lora,
+        merged: job.merged,
+        dropout_seed: None,
+    };
+    let fed = MicroBatch::fed(None);
+    let (mut loss, mut weight) = (0.0f64, 0.0f64);
+    for i in 0..k {
+        let mb = if first { &job.micro[i] } else { &fed };
+        let (mut x, targets) = take_input(t, &tr, mb, i)?;
+        if first {
+            x = tr.embed(&mb.tokens[..mb.tokens.len() - 1])?;
+        }
+        tr.forward_layers(part.layers.clone(), &mut x, false)?;
+        match &targets {
+            Some((targets, w)) => {
+                loss += tr.head_loss(&x, targets, w, None)?;
+                weight += w.iter().map(|&v| f64::from(v)).sum::<f64>();
+            }
+            None => t.send(
+                me + 1,
+                Message::Activations {
+                    micro: i,
+                    hidden: x,
+                },
+            )?,
+        }
+    }
+    let sums = sum_over_stages(t, vec![loss, weight])?;
+    Ok(EvalTotals {
+        sequences: k,
+        loss: sums[0],
+        weight: sums[1],
+    })
 }
 
 /// The hidden states (or, `backward`, their gradient) of micro-batch `micro` from stage `from`.
@@ -308,6 +461,29 @@ pub fn step_threads(
     job: &StepJob,
     threads: &[usize],
 ) -> Result<Vec<StageReport>> {
+    let t0 = Instant::now();
+    on_threads(parts, threads, |t, p| stage_step(t, p, job, t0))
+}
+
+/// A validation pass over `parts` as threads of this process, as [`step_threads`] runs a step.
+pub fn eval_threads(
+    parts: &mut [StageState],
+    job: &EvalJob,
+    threads: &[usize],
+) -> Result<EvalTotals> {
+    let totals = on_threads(parts, threads, |t, p| stage_eval(t, p, job))?;
+    Ok(totals[0])
+}
+
+/// Runs `f` for every stage of `parts` on a thread of its own (stage 0 on the calling thread),
+/// connected by channels, stage `s` with `threads[s]` threads; one stage runs as it is. Returns
+/// each stage's result; the first error of a stage that failed by itself (not because another
+/// stopped) is returned.
+fn on_threads<R: Send + std::fmt::Debug>(
+    parts: &mut [StageState],
+    threads: &[usize],
+    f: impl Fn(&mut dyn Transport, &mut StageState) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
     let n = parts.len();
     if n == 0 || threads.len() != n {
         return Err(Error::Invalid(format!(
@@ -315,12 +491,12 @@ pub fn step_threads(
             threads.len()
         )));
     }
-    let t0 = Instant::now();
     let mut ts = threads::connect(n);
     if n == 1 {
-        return Ok(vec![stage_step(&mut ts[0], &mut parts[0], job, t0)?]);
+        return Ok(vec![f(&mut ts[0], &mut parts[0])?]);
     }
-    let results: Vec<Result<StageReport>> = std::thread::scope(|sc| {
+    let f = &f;
+    let results: Vec<Result<R>> = std::thread::scope(|sc| {
         let (p0, rest) = parts.split_first_mut().expect("one stage at least");
         let mut ts = ts.into_iter();
         let mut t_first = ts.next().expect("one transport per stage");
@@ -333,12 +509,11 @@ pub fn step_threads(
                 std::thread::Builder::new()
                     .name(format!("pare-train-stage-{}", i + 1))
                     .spawn_scoped(sc, move || {
-                        crate::parallel::with_threads(k, || stage_step(&mut tr, p, job, t0))
+                        crate::parallel::with_threads(k, || f(&mut tr, p))
                     })
             })
             .collect();
-        let r0 =
-            crate::parallel::with_threads(threads[0], || stage_step(&mut t_first, p0, job, t0));
+        let r0 = crate::parallel::with_threads(threads[0], || f(&mut t_first, p0));
         // Stage 0's transport goes first, so a stage still waiting on it learns it has stopped.
         drop(t_first);
         let mut out = vec![r0];

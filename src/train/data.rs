@@ -170,6 +170,24 @@ pub fn load(
     Ok(samples)
 }
 
+/// [`load`] with the tokenizer and chat template of `model`, then [`split`]: the training and
+/// validation sequences. The tokenizer is dropped before it returns and the heap it used handed
+/// back to the system, so that a training process does not keep its tens of MiB resident.
+pub fn load_split(
+    path: &Path,
+    model: &crate::model::Model,
+    seq_len: usize,
+    val_fraction: f32,
+) -> Result<(Vec<Sample>, Vec<Sample>)> {
+    let samples = {
+        let tok = model.tokenizer()?;
+        let template = model.chat_template()?;
+        load(path, &tok, template.as_ref(), seq_len)?
+    };
+    crate::eval::bench::release_free_memory();
+    split(samples, val_fraction)
+}
+
 /// Splits off the last `fraction` of the samples (at least one when asked for any) for
 /// validation; the training part keeps at least one.
 pub fn split(mut samples: Vec<Sample>, fraction: f32) -> Result<(Vec<Sample>, Vec<Sample>)> {

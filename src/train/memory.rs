@@ -110,12 +110,15 @@ pub fn layer_state_bytes(model: &Model, opts: &TrainOptions) -> LayerState {
     LayerState { adapters, qat }
 }
 
-/// The output head's part (on the last stage): logits of every position of a sequence of `n`
-/// tokens (their gradient is computed in place), the head's f32 tile and the final norm's
-/// buffers.
+/// The output head's part (on the last stage) for a sequence of `n` tokens: one tile of the head
+/// in f32 and that tile's logits (the loss is computed tile by tile, never holding a position's
+/// whole row of logits), and the final norm's buffers.
 pub fn head_bytes(model: &Model, n: usize) -> usize {
     let c = &model.config;
-    4 * n * c.n_vocab + 4 * 4096 * c.n_embd + 4 * 4 * n * c.n_embd
+    let tile = crate::model::backward::HEAD_TILE.min(c.n_vocab);
+    // A tile of the head in f32 and its logits, the positions' hidden states (selected,
+    // normalized, and their gradients), and per position the running log-sum-exp.
+    4 * tile * c.n_embd + 4 * n * tile + 4 * 4 * n * c.n_embd + 24 * n
 }
 
 /// The f32 work buffers of the dense products (every worker): the dequantized weight of one

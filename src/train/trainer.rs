@@ -18,10 +18,10 @@ use super::fake_quant::{self, FakeQuant, Grids, QatMode};
 use super::optimizer::{scale_to_norm, AdamW, Schedule};
 use crate::error::{Error, Result};
 use crate::format::safetensors::{self as st, Dtype, LazyTensor, SafetensorsFile};
-use crate::model::backward::{MergedWeight, Trainable};
+use crate::model::backward::MergedWeight;
 use crate::model::{Lora, LoraConfig, Model, Target};
 use crate::pipeline::schedule::{self as pipe_schedule, Slot};
-use crate::pipeline::train::{self as pipe, MicroBatch, StageReport, StageState, StepJob};
+use crate::pipeline::train::{self as pipe, EvalJob, MicroBatch, StageReport, StageState, StepJob};
 use crate::pipeline::transport::{Message, Transport};
 
 /// Everything that shapes a run.
@@ -260,6 +260,9 @@ pub struct Trainer<'m> {
     pub history: Vec<Record>,
     train: Vec<Sample>,
     val: Vec<Sample>,
+    /// This process holds no data (an MPI rank other than 0, [`Trainer::fed`]): rank 0 sends its
+    /// stage what it needs of each micro-batch.
+    fed: bool,
 }
 
 /// File names inside a checkpoint directory (beside the PEFT adapter files).
@@ -276,10 +279,28 @@ impl<'m> Trainer<'m> {
         train: Vec<Sample>,
         val: Vec<Sample>,
     ) -> Result<Trainer<'m>> {
-        opts.validate()?;
         if train.is_empty() {
             return Err(Error::Invalid("no training sequences".into()));
         }
+        Trainer::build(model, opts, train, val, false)
+    }
+
+    /// A fresh run on an MPI rank other than 0, which reads no data: rank 0's trainer (made with
+    /// [`Trainer::new`]) sends this rank's stage what it needs of each micro-batch, so this
+    /// process never builds the tokenizer nor holds the packed sequences. Give it its rank with
+    /// [`Trainer::set_rank`].
+    pub fn fed(model: &'m Model, opts: TrainOptions) -> Result<Trainer<'m>> {
+        Trainer::build(model, opts, Vec::new(), Vec::new(), true)
+    }
+
+    fn build(
+        model: &'m Model,
+        opts: TrainOptions,
+        train: Vec<Sample>,
+        val: Vec<Sample>,
+        fed: bool,
+    ) -> Result<Trainer<'m>> {
+        opts.validate()?;
         let grids = match opts.qat {
             QatMode::None => Grids::default(),
             mode => Grids::of_base(model, &opts.lora.targets, mode)?,
@@ -313,6 +334,7 @@ impl<'m> Trainer<'m> {
             history: Vec::new(),
             train,
             val,
+            fed,
         })
     }
 
@@ -328,6 +350,27 @@ impl<'m> Trainer<'m> {
         train: Vec<Sample>,
         val: Vec<Sample>,
     ) -> Result<Trainer<'m>> {
+        Trainer::resume_with(model, dir, steps, checkpoint, Some((train, val)))
+    }
+
+    /// [`Trainer::resume`] on an MPI rank other than 0, which reads no data ([`Trainer::fed`]);
+    /// rank 0 checks that the data are the run's.
+    pub fn resume_fed(
+        model: &'m Model,
+        dir: &Path,
+        steps: Option<usize>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Trainer<'m>> {
+        Trainer::resume_with(model, dir, steps, checkpoint, None)
+    }
+
+    fn resume_with(
+        model: &'m Model,
+        dir: &Path,
+        steps: Option<usize>,
+        checkpoint: Option<Checkpoint>,
+        data: Option<(Vec<Sample>, Vec<Sample>)>,
+    ) -> Result<Trainer<'m>> {
         let dir = find_checkpoint(dir)?;
         let state_path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
@@ -340,9 +383,12 @@ impl<'m> Trainer<'m> {
         if let Some(c) = checkpoint {
             opts.checkpoint = c;
         }
-        let mut t = Trainer::new(model, opts, train, val)?;
+        let mut t = match data {
+            Some((train, val)) => Trainer::new(model, opts, train, val)?,
+            None => Trainer::fed(model, opts)?,
+        };
         let fp = j["data"]["fingerprint"].as_str().unwrap_or_default();
-        if fp != t.data_fingerprint() {
+        if !t.fed && fp != t.data_fingerprint() {
             return Err(Error::Invalid(format!(
                 "{}: the training data differ from the run being resumed (same file, --seq-len \
                  and --val-split are needed to continue exactly)",
@@ -477,6 +523,18 @@ impl<'m> Trainer<'m> {
                     .into(),
             ));
         }
+        if self.fed != (t.stage() != 0) {
+            return Err(Error::Invalid(format!(
+                "MPI rank {}: {}",
+                t.stage(),
+                if self.fed {
+                    "rank 0 reads the training data: make its trainer with the data"
+                } else {
+                    "only rank 0 reads the training data: make this rank's trainer with \
+                     Trainer::fed"
+                }
+            )));
+        }
         self.set_stages(stages)?;
         self.parts = vec![self.parts.swap_remove(t.stage())];
         self.rank = Some(t);
@@ -494,8 +552,8 @@ impl<'m> Trainer<'m> {
     }
 
     /// Every stage's adapters and moments, on stage 0 (`None` on the other MPI ranks, which
-    /// send theirs to it): what saving and validation need. Under MPI every rank must call it
-    /// at the same point.
+    /// send theirs to it): what saving needs (a few MiB; the callers drop it once written).
+    /// Under MPI every rank must call it at the same point.
     fn gather(&mut self) -> Result<Option<Snapshot>> {
         let mut all = self.snapshot();
         let Some(t) = self.rank.as_deref_mut() else {
@@ -552,10 +610,19 @@ impl<'m> Trainer<'m> {
     pub fn train_step(&mut self) -> Result<Record> {
         let start = Instant::now();
         let o = &self.opts;
+        if self.fed && self.rank.is_none() {
+            return Err(Error::Invalid(
+                "this trainer holds no data: it runs as an MPI rank other than 0 (set_rank)".into(),
+            ));
+        }
         let n = self.train.len();
-        let picks: Vec<usize> = (0..o.accum)
-            .map(|i| data::sample_index(o.seed, n, self.step * o.accum + i))
-            .collect();
+        // On a fed rank, no sample is picked (rank 0 sends what this stage needs).
+        let picks: Vec<usize> = match self.fed {
+            true => Vec::new(),
+            false => (0..o.accum)
+                .map(|i| data::sample_index(o.seed, n, self.step * o.accum + i))
+                .collect(),
+        };
         let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
         // Under QAT the adapted weights are quantized once per step (under MPI, this rank's).
         let fq_start = Instant::now();
@@ -567,22 +634,26 @@ impl<'m> Trainer<'m> {
             Some(_) => fq_start.elapsed().as_secs_f64(),
             None => 0.0,
         };
-        let micro = picks
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                let s = &self.train[i];
-                MicroBatch {
-                    tokens: &s.tokens,
-                    weight: s
-                        .scored
-                        .iter()
-                        .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
-                        .collect(),
-                    dropout_seed: Some(mix(o.seed, (self.step * o.accum + k) as u64)),
-                }
-            })
-            .collect();
+        let seed = |k: usize| Some(mix(o.seed, (self.step * o.accum + k) as u64));
+        let micro = match self.fed {
+            true => (0..o.accum).map(|k| MicroBatch::fed(seed(k))).collect(),
+            false => picks
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| {
+                    let s = &self.train[i];
+                    MicroBatch {
+                        tokens: &s.tokens,
+                        weight: s
+                            .scored
+                            .iter()
+                            .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
+                            .collect(),
+                        dropout_seed: seed(k),
+                    }
+                })
+                .collect(),
+        };
         let lr = o.schedule().lr(self.step);
         let job = StepJob {
             model: self.model,
@@ -593,7 +664,12 @@ impl<'m> Trainer<'m> {
             clip: o.clip,
             lr,
         };
-        let tokens = job.micro.iter().map(|mb| mb.tokens.len() - 1).sum();
+        // Known on rank 0 (a fed rank counts none).
+        let tokens = job
+            .micro
+            .iter()
+            .map(|mb| mb.tokens.len().saturating_sub(1))
+            .sum();
         let reports = match self.rank.as_deref_mut() {
             Some(t) => {
                 pipe::stage_step(t, &mut self.parts[0], &job, Instant::now()).map(|r| vec![r])
@@ -639,37 +715,33 @@ impl<'m> Trainer<'m> {
     }
 
     /// Mean loss per scored token over the validation sequences (the first `eval_samples`, or
-    /// all), with the adapters as trained (fake-quantized under QAT); `None` without any.
-    pub fn evaluate(&self) -> Result<Option<f64>> {
-        self.evaluate_with(&self.lora())
-    }
-
-    /// [`Self::evaluate`] with the adapters `lora`.
-    fn evaluate_with(&self, lora: &Lora) -> Result<Option<f64>> {
+    /// all), with the adapters as trained (fake-quantized under QAT); `None` without any. It runs
+    /// through the stages like a training forward, each stage with its own layers and adapters
+    /// (under MPI every rank calls it at the same point; every rank learns the result).
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let k = match self.opts.eval_samples {
             0 => self.val.len(),
             k => k.min(self.val.len()),
         };
-        if k == 0 {
-            return Ok(None);
-        }
-        let fq = fake_quant_of(self.model, lora, self.opts.qat, &self.grids)?;
-        let t = Trainable {
+        // Under MPI `self.lora()` is this rank's share: the fake quantizer of its layers.
+        let fq = fake_quant_of(self.model, &self.lora(), self.opts.qat, &self.grids)?;
+        let job = EvalJob {
             model: self.model,
-            lora,
             merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
-            dropout_seed: None,
+            micro: self.val[..k]
+                .iter()
+                .map(|s| MicroBatch {
+                    tokens: &s.tokens,
+                    weight: s.scored.iter().map(|&b| f32::from(b)).collect(),
+                    dropout_seed: None,
+                })
+                .collect(),
         };
-        let (mut sum, mut count) = (0.0, 0);
-        for s in &self.val[..k] {
-            let n = s.tokens.len() - 1;
-            let w: Vec<f32> = s.scored.iter().map(|&b| f32::from(b)).collect();
-            let mut x = t.embed(&s.tokens[..n])?;
-            t.forward_layers(0..self.model.config.n_layer, &mut x, false)?;
-            sum += t.head_loss(&x, &s.tokens[1..], &w, None)?;
-            count += s.n_scored();
-        }
-        Ok(Some(sum / count.max(1) as f64))
+        let totals = match self.rank.as_deref_mut() {
+            Some(t) => pipe::stage_eval(t, &self.parts[0], &job)?,
+            None => pipe::eval_threads(&mut self.parts, &job, &self.stages.threads)?,
+        };
+        Ok((totals.sequences > 0).then(|| totals.loss / totals.weight.max(1.0)))
     }
 
     /// Runs until `opts.steps`, validating and checkpointing into `out` as configured; stops
@@ -692,9 +764,7 @@ impl<'m> Trainer<'m> {
             let last = self.step == self.opts.steps;
             let ev = self.opts.eval_every;
             if (ev > 0 && self.step.is_multiple_of(ev)) || last {
-                if let Some(all) = self.gather()? {
-                    rec.val_loss = self.evaluate_with(&all.lora)?;
-                }
+                rec.val_loss = self.evaluate()?;
                 if let Some(r) = self.history.last_mut() {
                     r.val_loss = rec.val_loss;
                 }

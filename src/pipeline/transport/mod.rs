@@ -63,8 +63,16 @@ pub enum Message {
     /// loss), sent to stage 0, which sends the totals back.
     Sums(Vec<f64>),
     /// Training under MPI: a stage's adapters and optimizer moments, flattened, to stage 0, which
-    /// saves and evaluates the whole set.
+    /// saves the whole set.
     Share(Vec<f32>),
+    /// Training and validation: what the last stage needs of micro-batch `micro` to compute its
+    /// loss, from stage 0, which alone reads the data: the token each position predicts and that
+    /// position's weight in the loss (0 where it is not scored).
+    Batch {
+        micro: usize,
+        targets: Vec<u32>,
+        weight: Vec<f32>,
+    },
 }
 
 impl Message {
@@ -80,6 +88,7 @@ impl Message {
             Message::Gradient { .. } => "a gradient",
             Message::Sums(_) => "sums",
             Message::Share(_) => "a stage's adapters",
+            Message::Batch { .. } => "a micro-batch's targets",
         }
     }
 }

@@ -23,6 +23,7 @@ const SUMS: u64 = 6;
 const SHARE: u64 = 7;
 const SCORE: u64 = 8;
 const SCORES: u64 = 9;
+const BATCH: u64 = 10;
 
 /// This process's place in an MPI job. Dropping it finalizes MPI.
 pub struct Mpi {
@@ -240,6 +241,36 @@ impl Transport for MpiTransport<'_> {
                 ([GRADIENT, micro as u64, 0, 0, 0, grad.len() as u64], grad)
             }
             Message::Share(v) => ([SHARE, 0, 0, 0, 0, v.len() as u64], v),
+            Message::Batch {
+                micro,
+                targets,
+                weight,
+            } => {
+                if targets.len() != weight.len() {
+                    return Err(Error::Model(format!(
+                        "micro-batch {micro}: {} targets but {} weights",
+                        targets.len(),
+                        weight.len()
+                    )));
+                }
+                // One message: the targets, then the weights, little-endian (a few KB).
+                let mut bytes = Vec::with_capacity(8 * targets.len());
+                targets
+                    .iter()
+                    .for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+                weight
+                    .iter()
+                    .for_each(|w| bytes.extend_from_slice(&w.to_le_bytes()));
+                let head = [
+                    BATCH,
+                    micro as u64,
+                    targets.len() as u64,
+                    0,
+                    0,
+                    bytes.len() as u64,
+                ];
+                return self.send_bytes(to, head, bytes);
+            }
             Message::Sums(v) => {
                 p.send(&[SUMS, 0, 0, 0, 0, v.len() as u64][..]);
                 p.send(&v[..]);
@@ -344,6 +375,26 @@ impl Transport for MpiTransport<'_> {
                 grad: data(head[5])?,
             }),
             SHARE => Ok(Message::Share(data(head[5])?)),
+            BATCH => {
+                let n = head[2];
+                if n.checked_mul(8) != Some(head[5]) {
+                    return Err(bad());
+                }
+                let v = bytes(head[5])?;
+                let (t, w) = v.split_at(4 * n as usize);
+                let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+                Ok(Message::Batch {
+                    micro: head[1] as usize,
+                    targets: t
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes(word(b)))
+                        .collect(),
+                    weight: w
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(word(b)))
+                        .collect(),
+                })
+            }
             SUMS => {
                 let (v, _) = p.receive_vec::<f64>();
                 if v.len() as u64 != head[5] {
