@@ -285,7 +285,10 @@ fn kl_allocation_meets_the_level_and_costs_less_than_uniform() {
     let skips: Vec<f32> = plan.layers.iter().map(|l| l.input_skip[k3]).collect();
     assert!(
         skips.iter().any(|&f| (f - skips[0]).abs() > 0.05)
-            || plan.layers.iter().any(|l| (l.neuron_skip[k3] - skips[0]).abs() > 0.05),
+            || plan
+                .layers
+                .iter()
+                .any(|l| (l.neuron_skip[k3] - skips[0]).abs() > 0.05),
         "{skips:?}"
     );
     let total = sparse_alloc::total_bytes(&bytes);
@@ -295,14 +298,22 @@ fn kl_allocation_meets_the_level_and_costs_less_than_uniform() {
             .layers
             .iter()
             .zip(&bytes)
-            .map(|(lp, b)| lp.input_skip[k] as f64 * b.codes_in + lp.neuron_skip[k] as f64 * b.codes_down)
+            .map(|(lp, b)| {
+                lp.input_skip[k] as f64 * b.codes_in + lp.neuron_skip[k] as f64 * b.codes_down
+            })
             .sum::<f64>()
             / total;
-        assert!((planned - s as f64).abs() < 1e-4, "level {s}: planned {planned}");
-        let kl = sparse_alloc::levels_kl(&model, &[(&uniform, k), (&plan, k)], &calib, 64, 4)
-            .unwrap();
+        assert!(
+            (planned - s as f64).abs() < 1e-4,
+            "level {s}: planned {planned}"
+        );
+        let kl =
+            sparse_alloc::levels_kl(&model, &[(&uniform, k), (&plan, k)], &calib, 64, 4).unwrap();
         let (kl_u, kl_a) = (kl[0], kl[1]);
-        assert!(kl_a < kl_u, "level {s}: allocated KL {kl_a} not below uniform {kl_u}");
+        assert!(
+            kl_a < kl_u,
+            "level {s}: allocated KL {kl_a} not below uniform {kl_u}"
+        );
     }
     // Written and decoded on the sparse path: the achieved byte sparsity on the calibration
     // tokens is the level within 0.05 (histogram resolution; scales skipped with whole groups).

@@ -174,7 +174,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let kl = sparse_alloc::levels_kl(&model, &which, &tokens, n_ctx, a.alloc_chunks)?;
         println!("level  KL uniform  KL {}", plan.allocation);
         for (i, &k) in ks.iter().enumerate() {
-            println!("{:>5}  {:>10.4}  {:>8.4}", levels[k], kl[2 * i], kl[2 * i + 1]);
+            println!(
+                "{:>5}  {:>10.4}  {:>8.4}",
+                levels[k],
+                kl[2 * i],
+                kl[2 * i + 1]
+            );
         }
     }
     if let Some(path) = &a.chart {
