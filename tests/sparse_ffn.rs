@@ -272,6 +272,7 @@ fn kl_allocation_meets_the_level_and_costs_less_than_uniform() {
         n_ctx: 64,
         chunks: 4,
         points: sparse_alloc::DEFAULT_POINTS.to_vec(),
+        energy_interpolation: false,
     };
     let curves =
         sparse_alloc::allocate_plan(&model, &mut plan, &stats, &bytes, &calib, &opts, |_, _| {})

@@ -34,6 +34,10 @@ pub struct Args {
     /// Calibration chunks the `kl` allocation measures on (each measurement runs a chunk).
     #[arg(long, default_value_t = 1)]
     alloc_chunks: usize,
+    /// Interpolate each measured error curve in skipped input energy instead of in the skipped
+    /// fraction (on SmolLM2-135M it allocated worse; see BENCHMARKS).
+    #[arg(long)]
+    alloc_energy: bool,
     /// Tokens per chunk of the `kl` allocation's measurements (default: --ctx). Shorter chunks
     /// measure faster (the cost is one forward pass of a chunk per measurement).
     #[arg(long)]
@@ -111,6 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             n_ctx: a.alloc_ctx.unwrap_or(a.ctx),
             chunks: a.alloc_chunks,
             points: sparse_alloc::DEFAULT_POINTS.to_vec(),
+            energy_interpolation: a.alloc_energy,
         };
         let pb = bar("allocation measurements");
         let r = sparse_alloc::allocate_plan(

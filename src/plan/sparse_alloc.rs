@@ -22,8 +22,8 @@
 //! TEAL raises, step by step, the sparsity of the matrix whose increase costs least in measured
 //! error, until the target average is met. Re-measuring after every step is out of reach on a few
 //! CPU cores, so the errors are taken as additive across units (each unit measured alone at a few
-//! fractions, and in between linear in the input energy skipped, [`Curve::grid`]) and each unit's
-//! curve is replaced by its lower convex hull; then
+//! fractions, linear in between, or with [`Options::energy_interpolation`] linear in the input
+//! energy skipped, [`Curve::grid`]) and each unit's curve is replaced by its lower convex hull; then
 //! the greedy's order is the order of the hull segments by error per byte skipped, which one pass
 //! walks. Every level of the grid is a point on that one path, so a unit's fraction (and
 //! threshold) never decreases from one level to the next, and interpolating thresholds between
@@ -43,10 +43,10 @@ use crate::plan::sparsify::{energy_below, LayerBytes, NeuronStats, SparsityPlan}
 pub const NAME: &str = "kl-greedy";
 
 /// Skip fractions each unit is measured at, as fractions of its largest (1 for gate/up inputs,
-/// the cold share for down): where the levels people use fall (a quarter to two thirds of the
-/// inputs), and the end point, which the highest levels need. Four points (240 measurements for
-/// SmolLM2-135M): between them the skipped energy shapes the curve ([`Curve::grid`]).
-pub const DEFAULT_POINTS: [f32; 4] = [0.3, 0.5, 0.7, 1.0];
+/// the cold share for down): denser where the levels people use fall (a quarter to two thirds
+/// of the inputs), and the end point, which the highest levels need (300 measurements for
+/// SmolLM2-135M's 30 layers).
+pub const DEFAULT_POINTS: [f32; 5] = [0.25, 0.45, 0.6, 0.75, 1.0];
 
 /// Which part of a layer's FFN skips.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -71,11 +71,11 @@ pub struct Curve {
     /// The input energy skipped at each of `fractions` (Σ v² of the skipped values on the
     /// calibration tokens, from the histograms).
     pub energy: Vec<f64>,
-    /// A fine grid of fractions from 0 to the largest, and the energy skipped at each: between
-    /// measured points the error is interpolated linearly in skipped energy, not in fraction.
-    /// Skipping the smallest values first, the energy (and the error, which grows with it) rises
-    /// slowly at first and faster later; linear in fraction would overprice a little skipping
-    /// everywhere against much skipping in a few places.
+    /// A fine grid of fractions from 0 to the largest, and the energy skipped at each (empty:
+    /// interpolate in fraction): between measured points the error is interpolated linearly in
+    /// skipped energy. Skipping the smallest values first, the energy (and, to first order, the
+    /// error) rises slowly at first and faster later; linear in fraction overprices a little
+    /// skipping everywhere against much skipping in a few places.
     pub grid: Vec<(f32, f64)>,
 }
 
@@ -124,6 +124,10 @@ pub struct Options {
     pub chunks: usize,
     /// Fractions of each unit's largest skip to measure at, increasing within (0, 1].
     pub points: Vec<f32>,
+    /// Interpolate between measured points linearly in the skipped input energy
+    /// ([`Curve::grid`]) instead of in the fraction. On SmolLM2-135M it allocated worse (one
+    /// measurement each, BENCHMARKS 2026-12-07 session 2), so it is off by default.
+    pub energy_interpolation: bool,
 }
 
 /// Per layer, which neurons are hot in `plan`.
@@ -312,12 +316,16 @@ pub fn measure_curves(
                     Unit::Inputs => energy_below(&ls.input_hist, lp.thresholds(ls, f, 0.0).0),
                     Unit::Neurons => energy_below(&cold, lp.thresholds(ls, 0.0, f).1),
                 };
-                let grid = (0..=GRID)
-                    .map(|j| {
-                        let f = max * j as f32 / GRID as f32;
-                        (f, energy_at(f))
-                    })
-                    .collect();
+                let grid = if opts.energy_interpolation {
+                    (0..=GRID)
+                        .map(|j| {
+                            let f = max * j as f32 / GRID as f32;
+                            (f, energy_at(f))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 Curve {
                     layer: l,
                     unit,
@@ -392,7 +400,7 @@ pub fn allocate(curves: &[Curve], total_bytes: f64, levels: &[f32]) -> Result<Ve
             "sparsity levels must increase within (0, 1), got {levels:?}"
         )));
     }
-    if !(total_bytes > 0.0) {
+    if total_bytes.is_nan() || total_bytes <= 0.0 {
         return Err(Error::Invalid("no FFN bytes to allocate".into()));
     }
     // Hull segments of every curve: (cost per byte, curve, from fraction, to fraction).
@@ -402,7 +410,8 @@ pub fn allocate(curves: &[Curve], total_bytes: f64, levels: &[f32]) -> Result<Ve
             || c.fractions.first() != Some(&0.0)
             || c.fractions.windows(2).any(|w| w[0] >= w[1])
             || c.kl.iter().any(|e| !e.is_finite())
-            || !(c.bytes >= 0.0)
+            || c.bytes.is_nan()
+            || c.bytes < 0.0
         {
             return Err(Error::Invalid(format!(
                 "layer {} {:?}: a curve needs increasing fractions from 0 and finite errors",
