@@ -2,6 +2,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pare::convert::open_source;
+use pare::plan::sparse_alloc;
 use pare::plan::sparsify::{self, SparsityPlan, WriteOptions, DEFAULT_LEVELS};
 
 #[derive(clap::Args)]
@@ -24,6 +25,27 @@ pub struct Args {
     /// Sparsity levels to calibrate, comma-separated, increasing within (0, 1).
     #[arg(long, value_delimiter = ',')]
     levels: Option<Vec<f32>>,
+    /// How each level's skipped bytes are shared among layers and matrices: `kl` measures each
+    /// layer's gate/up and down alone at a few skip fractions (KL to the dense model on the first
+    /// `--alloc-chunks` calibration chunks) and skips where it costs least; `uniform` skips the
+    /// same share everywhere.
+    #[arg(long, value_enum, default_value_t = Allocation::Kl)]
+    allocation: Allocation,
+    /// Calibration chunks the `kl` allocation measures on (each measurement runs a chunk).
+    #[arg(long, default_value_t = 1)]
+    alloc_chunks: usize,
+    /// Interpolate each measured error curve in skipped input energy instead of in the skipped
+    /// fraction (on SmolLM2-135M it allocated worse; see BENCHMARKS).
+    #[arg(long)]
+    alloc_energy: bool,
+    /// Tokens per chunk of the `kl` allocation's measurements (default: --ctx). Shorter chunks
+    /// measure faster (the cost is one forward pass of a chunk per measurement).
+    #[arg(long)]
+    alloc_ctx: Option<usize>,
+    /// Also print, for every level up to 0.5, the KL to the dense model with all layers skipping
+    /// under the uniform and under the chosen allocation (on the allocation's chunks).
+    #[arg(long)]
+    compare: bool,
     /// Output file; written beside it under a temporary name, then renamed.
     #[arg(short = 'o', long = "output")]
     output: std::path::PathBuf,
@@ -33,6 +55,12 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Allocation {
+    Kl,
+    Uniform,
 }
 
 /// Set by Ctrl-C; the writer checks it between tensors and removes its temporary file.
@@ -62,7 +90,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = common.load()?;
     // Fail before calibrating when the copies cannot be made.
     let src = open_source(&a.model)?;
-    let shares = sparsify::code_shares(&sparsify::copies(src.as_ref(), &model.config)?);
+    let copies = sparsify::copies(src.as_ref(), &model.config)?;
+    let shares = sparsify::code_shares(&copies);
+    let bytes = sparsify::layer_bytes(&copies);
     let text = std::fs::read_to_string(&a.calib)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.calib.display()))?;
     let tokens = model.tokenizer()?.encode(&text, true, false)?;
@@ -78,7 +108,35 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "interrupted; nothing written"
     );
     let levels = a.levels.clone().unwrap_or_else(|| DEFAULT_LEVELS.to_vec());
-    let plan = SparsityPlan::new(&stats, a.hot, &levels, &shares)?;
+    let uniform = SparsityPlan::new(&stats, a.hot, &levels, &shares)?;
+    let mut plan = uniform.clone();
+    if a.allocation == Allocation::Kl {
+        let opts = sparse_alloc::Options {
+            n_ctx: a.alloc_ctx.unwrap_or(a.ctx),
+            chunks: a.alloc_chunks,
+            points: sparse_alloc::DEFAULT_POINTS.to_vec(),
+            energy_interpolation: a.alloc_energy,
+        };
+        let pb = bar("allocation measurements");
+        let r = sparse_alloc::allocate_plan(
+            &model,
+            &mut plan,
+            &stats,
+            &bytes,
+            &tokens,
+            &opts,
+            |done, total| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            },
+        );
+        pb.finish_and_clear();
+        r?;
+        anyhow::ensure!(
+            !INTERRUPTED.load(Ordering::Relaxed),
+            "interrupted; nothing written"
+        );
+    }
     println!(
         "calibrated on {} tokens of {}; hot fraction {}",
         stats.tokens,
@@ -89,14 +147,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .iter()
         .position(|&s| s >= 0.5)
         .unwrap_or(levels.len() - 1);
+    println!("allocation: {}", plan.allocation);
     println!(
-        "layer  median|a|  hot  hot-freq  cold-freq  rarely-active  t_x@{s}  t_a@{s}",
+        "layer  median|a|  hot  hot-freq  cold-freq  rarely-active  t_x@{s}  t_a@{s}  \
+         skip_x@{s}  skip_a@{s}",
         s = levels[mid]
     );
     for (l, lp) in plan.layers.iter().enumerate() {
         let s = lp.summary(l);
         println!(
-            "{:>5}  {:>8.4}  {:>4}  {:>8.3}  {:>9.3}  {:>13.3}  {:>7.4}  {:>7.4}",
+            "{:>5}  {:>8.4}  {:>4}  {:>8.3}  {:>9.3}  {:>13.3}  {:>7.4}  {:>7.4}  {:>9.3}  {:>9.3}",
             l,
             s.reference,
             s.n_hot,
@@ -104,8 +164,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             s.cold_mean_freq,
             s.rarely_active,
             lp.input_thresholds[mid],
-            lp.neuron_thresholds[mid]
+            lp.neuron_thresholds[mid],
+            lp.input_skip[mid],
+            lp.neuron_skip[mid]
         );
+    }
+    if a.compare {
+        let ks: Vec<usize> = (0..levels.len()).filter(|&k| levels[k] <= 0.5).collect();
+        let which: Vec<(&SparsityPlan, usize)> = ks
+            .iter()
+            .flat_map(|&k| [(&uniform, k), (&plan, k)])
+            .collect();
+        let n_ctx = a.alloc_ctx.unwrap_or(a.ctx);
+        let kl = sparse_alloc::levels_kl(&model, &which, &tokens, n_ctx, a.alloc_chunks)?;
+        println!("level  KL uniform  KL {}", plan.allocation);
+        for (i, &k) in ks.iter().enumerate() {
+            println!(
+                "{:>5}  {:>10.4}  {:>8.4}",
+                levels[k],
+                kl[2 * i],
+                kl[2 * i + 1]
+            );
+        }
     }
     if let Some(path) = &a.chart {
         pare::plot::write_png(path, &plan.chart())?;

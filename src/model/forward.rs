@@ -8,6 +8,7 @@ use super::config::Config;
 use super::kv_cache::KvCache;
 use super::lora::Target;
 use super::ops;
+use super::sparse_ffn::FfnMask;
 use super::Model;
 use crate::error::{Error, Result};
 use crate::quant::activation::Q8Acts;
@@ -34,6 +35,9 @@ pub struct State {
     pub logits: Vec<f32>,
     /// Sees the input of every matrix product (calibration); `None` in normal runs.
     pub observer: Option<Arc<dyn Observer>>,
+    /// Sparse FFN execution simulated on the dense path (calibration measures what thresholds
+    /// cost with it); `None` in normal runs.
+    pub ffn_mask: Option<Arc<FfnMask>>,
 }
 
 /// Receives the f32 input rows of every matrix product of a forward pass, before quantization.
@@ -112,6 +116,7 @@ impl State {
             s: Scratch::new(&model.config, MAX_UBATCH.min(n_ctx)),
             logits: Vec::new(),
             observer: None,
+            ffn_mask: None,
         })
     }
 
@@ -325,6 +330,7 @@ impl Model {
         let exact = self.exact_activations;
         let obs = st.observer.clone();
         let obs = obs.as_deref();
+        let mask = st.ffn_mask.clone();
         let s = &mut st.s;
 
         if let Batch::Hidden(h) = batch {
@@ -406,6 +412,9 @@ impl Model {
             if let Some(sp) = self.sparse.as_ref().filter(|sp| sp.applies(n)) {
                 sp.forward(l, xn, o);
             } else {
+                if let Some(m) = &mask {
+                    m.mask_inputs(l, xn);
+                }
                 let (gate, up) = (&mut s.gate[..n * c.n_ff], &mut s.up[..n * c.n_ff]);
                 let input = input_for(exact, obs, &mut s.q8, xn, n, &[&lw.gate, &lw.up]);
                 matmul_many(&mut [(&lw.gate, &mut *gate), (&lw.up, &mut *up)], &input);
@@ -414,6 +423,9 @@ impl Model {
                     lora.add_to(l, Target::Up, xn, n, up);
                 }
                 ops::swiglu(gate, up);
+                if let Some(m) = &mask {
+                    m.mask_neurons(l, gate);
+                }
                 matmul(
                     &lw.down,
                     &input_for(exact, obs, &mut s.q8, gate, n, &[&lw.down]),

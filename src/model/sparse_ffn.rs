@@ -289,6 +289,54 @@ impl SparseFfn {
     }
 }
 
+/// Sparse FFN execution simulated on the dense path: inputs with |x| ≤ the layer's input
+/// threshold are zeroed before gate/up, cold neurons with |a| ≤ the neuron threshold before down.
+/// The sparse path quantizes a whole row to 8 bits and then leaves inputs out; zeroing them first
+/// gives the same 8-bit values for the inputs that stay (a block's scale comes from its largest
+/// |x|, which a threshold under it never zeroes, and a block zeroed entirely contributes nothing
+/// either way), so the batched dense kernels compute what the sparse path would, for every token
+/// of a chunk at once. Calibration ([`crate::plan::sparse_alloc`]) measures with it what
+/// thresholds cost, on a model that was not sparsified yet.
+#[derive(Debug, Clone)]
+pub struct FfnMask {
+    /// Per layer: `(input threshold, neuron threshold)`, or `None` for a dense layer.
+    pub thresholds: Vec<Option<(f32, f32)>>,
+    /// Per layer and neuron: hot (never skipped), as in [`SparseLayer::hot`].
+    pub hot: Arc<Vec<Vec<bool>>>,
+}
+
+impl FfnMask {
+    /// Zeroes the inputs of layer `l`'s gate/up that the sparse path would skip (`x`: rows of
+    /// `n_embd`).
+    pub fn mask_inputs(&self, l: usize, x: &mut [f32]) {
+        if let Some(Some((t, _))) = self.thresholds.get(l) {
+            for v in x.iter_mut() {
+                if v.abs() <= *t {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+
+    /// Zeroes the neuron activations of layer `l` (rows of `n_ff`) that the sparse path would
+    /// skip in down.
+    pub fn mask_neurons(&self, l: usize, a: &mut [f32]) {
+        let (Some(Some((_, t))), Some(hot)) = (self.thresholds.get(l), self.hot.get(l)) else {
+            return;
+        };
+        if hot.is_empty() {
+            return;
+        }
+        for row in a.chunks_exact_mut(hot.len()) {
+            for (v, &h) in row.iter_mut().zip(hot) {
+                if !h && v.abs() <= *t {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+}
+
 /// The transposed-group copy of layer `l`'s matrix `m` (`n_out` × `n_in`), in its source's format.
 fn tg_matrix(g: &Arc<Gguf>, l: usize, m: &str, n_out: usize, n_in: usize) -> Result<TgMatrix> {
     let src = format!("blk.{l}.{m}.weight");

@@ -15,4 +15,5 @@ pub mod knapsack;
 pub mod quantize;
 pub mod report;
 pub mod sensitivity;
+pub mod sparse_alloc;
 pub mod sparsify;

@@ -80,6 +80,11 @@ pub mod keys {
     pub const NEURON_THRESHOLDS: &str = "neuron_thresholds";
     pub const PERMUTATION: &str = "permutation";
     pub const REFERENCE: &str = "reference";
+    /// How the skipped bytes were shared among layers and matrices (`uniform` or `kl-greedy`);
+    /// absent in files written before the allocation existed (they are uniform).
+    pub const ALLOCATION: &str = "pare.sparse.allocation";
+    pub const INPUT_SKIP: &str = "input_skip";
+    pub const NEURON_SKIP: &str = "neuron_skip";
 }
 
 /// The version of the sparse layout and metadata this build writes and reads (1: re-quantized
@@ -132,6 +137,25 @@ pub fn quantile<T: Copy + Into<u64>>(hist: &[T], q: f64) -> f32 {
         cum += c;
     }
     bin_edge(hist.len())
+}
+
+/// The sum of v² over a histogram's values |v| ≤ `t` (each bin's values at its middle, a bin
+/// that `t` cuts in proportion), the energy that skipping them takes out of a product's input.
+pub fn energy_below<T: Copy + Into<u64>>(hist: &[T], t: f32) -> f64 {
+    let mut e = 0.0;
+    for (k, &c) in hist.iter().enumerate() {
+        let (lo, hi) = (bin_edge(k) as f64, bin_edge(k + 1) as f64);
+        let share = if hi <= t as f64 {
+            1.0
+        } else if lo < t as f64 {
+            (t as f64 - lo) / (hi - lo)
+        } else {
+            break;
+        };
+        let mid = 0.5 * (lo + hi);
+        e += share * c.into() as f64 * mid * mid;
+    }
+    e
 }
 
 /// Histograms of one layer.
@@ -262,12 +286,56 @@ pub struct LayerPlan {
     pub input_thresholds: Vec<f32>,
     /// Per level: cold neurons with |activation| ≤ this are skipped in down.
     pub neuron_thresholds: Vec<f32>,
+    /// Per level: the planned fraction of the layer's inputs skipped in gate/up (on calibration
+    /// tokens), which `input_thresholds` realises.
+    pub input_skip: Vec<f32>,
+    /// Per level: the planned fraction of the layer's `n_ff` neurons skipped in down.
+    pub neuron_skip: Vec<f32>,
+}
+
+impl LayerPlan {
+    /// The cold neurons' |activation| histogram, pooled.
+    pub fn cold_hist(&self, ls: &LayerStats) -> Vec<u64> {
+        let mut cold = vec![0u64; BINS];
+        for &j in &self.perm[self.n_hot..] {
+            for (p, &c) in cold.iter_mut().zip(ls.neuron(j as usize)) {
+                *p += c as u64;
+            }
+        }
+        cold
+    }
+
+    /// The largest fraction of the `n_ff` neurons that down can skip: the cold ones.
+    pub fn max_neuron_skip(&self) -> f32 {
+        (self.perm.len() - self.n_hot) as f32 / self.perm.len().max(1) as f32
+    }
+
+    /// `(input threshold, neuron threshold)` that skip on average a fraction `f_in` of the inputs
+    /// and `f_neu` of the `n_ff` neurons on the calibration tokens of `ls`: the `f_in`-quantile of
+    /// |x|, and the quantile of the cold neurons' |activation| that leaves `f_neu·n_ff` of them
+    /// out per token (0 when there are no cold neurons; infinite past all of them).
+    pub fn thresholds(&self, ls: &LayerStats, f_in: f32, f_neu: f32) -> (f32, f32) {
+        let n_ff = self.perm.len();
+        let n_cold = n_ff - self.n_hot;
+        let t_in = quantile(&ls.input_hist, f_in as f64);
+        let t_neu = if n_cold == 0 {
+            0.0
+        } else {
+            quantile(
+                &self.cold_hist(ls),
+                f_neu as f64 * n_ff as f64 / n_cold as f64,
+            )
+        };
+        (t_in, t_neu)
+    }
 }
 
 /// Hot neurons, permutation and thresholds of every layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparsityPlan {
     pub levels: Vec<f32>,
+    /// How the skipped bytes of each level are shared ([`keys::ALLOCATION`]).
+    pub allocation: String,
     pub hot_fraction: f32,
     pub tokens: usize,
     pub layers: Vec<LayerPlan>,
@@ -342,42 +410,68 @@ impl SparsityPlan {
                 let mut perm: Vec<u32> = (0..n_ff as u32).collect();
                 // Stable: ties keep the original order, so the permutation is deterministic.
                 perm.sort_by(|&a, &b| freq[b as usize].total_cmp(&freq[a as usize]));
-                let mut cold = vec![0u64; BINS];
-                for &j in &perm[n_hot..] {
-                    for (p, &c) in cold.iter_mut().zip(ls.neuron(j as usize)) {
-                        *p += c as u64;
-                    }
-                }
-                let n_cold = n_ff - n_hot;
-                LayerPlan {
-                    input_thresholds: levels
-                        .iter()
-                        .map(|&s| quantile(&ls.input_hist, (s / share_in) as f64))
-                        .collect(),
-                    neuron_thresholds: levels
-                        .iter()
-                        .map(|&s| {
-                            if n_cold == 0 {
-                                0.0
-                            } else {
-                                let skip = (s / share_dn) as f64 * n_ff as f64;
-                                quantile(&cold, skip / n_cold as f64)
-                            }
-                        })
-                        .collect(),
+                let mut lp = LayerPlan {
                     perm,
                     n_hot,
                     freq,
                     reference: bin_edge(ref_bin + 1),
-                }
+                    input_thresholds: Vec::new(),
+                    neuron_thresholds: Vec::new(),
+                    input_skip: Vec::new(),
+                    neuron_skip: Vec::new(),
+                };
+                // Uniform: every layer skips S of its gate/up bytes and S of its down bytes, so
+                // S/c of the inputs where codes are a share c of the bytes.
+                let max_neu = lp.max_neuron_skip();
+                let fractions: Vec<(f32, f32)> = levels
+                    .iter()
+                    .map(|&s| ((s / share_in).min(1.0), (s / share_dn).min(max_neu)))
+                    .collect();
+                lp.set_fractions(ls, &fractions);
+                lp
             })
             .collect();
         Ok(SparsityPlan {
             levels: levels.to_vec(),
+            allocation: "uniform".into(),
             hot_fraction,
             tokens: stats.tokens,
             layers,
         })
+    }
+
+    /// Replaces the uniform allocation by `fractions[k][l]`: the planned `(input, neuron)` skip
+    /// fractions of layer `l` at level `k` (see [`LayerPlan::thresholds`]), named `allocation`.
+    pub fn set_allocation(
+        &mut self,
+        stats: &NeuronStats,
+        allocation: &str,
+        fractions: &[Vec<(f32, f32)>],
+    ) -> Result<()> {
+        let n_layer = self.layers.len();
+        if fractions.len() != self.levels.len()
+            || fractions.iter().any(|f| f.len() != n_layer)
+            || stats.layers.len() != n_layer
+        {
+            return Err(Error::Invalid(format!(
+                "an allocation needs {} levels of {n_layer} layers",
+                self.levels.len()
+            )));
+        }
+        for (l, (lp, ls)) in self.layers.iter_mut().zip(&stats.layers).enumerate() {
+            let per_level: Vec<(f32, f32)> = fractions.iter().map(|f| f[l]).collect();
+            if per_level.iter().any(|&(a, b)| {
+                !(0.0..=1.0).contains(&a) || !(0.0..=lp.max_neuron_skip()).contains(&b)
+            }) {
+                return Err(Error::Invalid(format!(
+                    "layer {l}: skip fractions outside [0, 1] or above the cold neurons: \
+                     {per_level:?}"
+                )));
+            }
+            lp.set_fractions(ls, &per_level);
+        }
+        self.allocation = allocation.to_string();
+        Ok(())
     }
 
     /// The metadata a sparsified file carries.
@@ -398,6 +492,10 @@ impl SparsityPlan {
                 keys::CALIBRATION_TEXT.to_string(),
                 Value::String(calibration_text.to_string()),
             ),
+            (
+                keys::ALLOCATION.to_string(),
+                Value::String(self.allocation.clone()),
+            ),
         ];
         for (l, lp) in self.layers.iter().enumerate() {
             m.push((keys::layer(l, keys::N_HOT), Value::U32(lp.n_hot as u32)));
@@ -410,6 +508,8 @@ impl SparsityPlan {
                 keys::layer(l, keys::NEURON_THRESHOLDS),
                 f32s(&lp.neuron_thresholds),
             ));
+            m.push((keys::layer(l, keys::INPUT_SKIP), f32s(&lp.input_skip)));
+            m.push((keys::layer(l, keys::NEURON_SKIP), f32s(&lp.neuron_skip)));
             m.push((
                 keys::layer(l, keys::PERMUTATION),
                 Value::Array(lp.perm.iter().map(|&p| Value::U32(p)).collect()),
@@ -468,6 +568,18 @@ pub struct LayerSummary {
 }
 
 impl LayerPlan {
+    /// Sets the planned skip fractions (one pair per level) and the thresholds that realise them.
+    fn set_fractions(&mut self, ls: &LayerStats, fractions: &[(f32, f32)]) {
+        let th: Vec<(f32, f32)> = fractions
+            .iter()
+            .map(|&(a, b)| self.thresholds(ls, a, b))
+            .collect();
+        self.input_skip = fractions.iter().map(|f| f.0).collect();
+        self.neuron_skip = fractions.iter().map(|f| f.1).collect();
+        self.input_thresholds = th.iter().map(|t| t.0).collect();
+        self.neuron_thresholds = th.iter().map(|t| t.1).collect();
+    }
+
     pub fn summary(&self, layer: usize) -> LayerSummary {
         let mean = |js: &[u32]| {
             js.iter().map(|&j| self.freq[j as usize]).sum::<f32>() / js.len().max(1) as f32
@@ -546,15 +658,41 @@ pub fn copies(src: &dyn Source, config: &Config) -> Result<Vec<(String, String, 
 /// Per layer, the share of the copies' bytes that are codes (the part skipping can save) in gate
 /// and up together, and in down, from [`copies`]' layouts (three per layer).
 pub fn code_shares(copies: &[(String, String, Layout)]) -> Vec<(f32, f32)> {
-    let codes = |l: &Layout| (l.n_in * l.code_row_bytes()) as f32;
+    layer_bytes(copies)
+        .iter()
+        .map(|b| {
+            (
+                (b.codes_in / b.bytes_in) as f32,
+                (b.codes_down / b.bytes_down) as f32,
+            )
+        })
+        .collect()
+}
+
+/// Bytes of one layer's copies: what skipping can save (codes) and what a dense pass reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerBytes {
+    /// Codes of gate and up together (the part input skipping saves).
+    pub codes_in: f64,
+    /// All bytes of gate and up (codes and scales).
+    pub bytes_in: f64,
+    pub codes_down: f64,
+    pub bytes_down: f64,
+}
+
+/// Per layer, the bytes of [`copies`]' layouts (three per layer).
+pub fn layer_bytes(copies: &[(String, String, Layout)]) -> Vec<LayerBytes> {
+    let codes = |l: &Layout| (l.n_in * l.code_row_bytes()) as f64;
     copies
         .chunks_exact(FFN.len())
         .map(|c| {
             let (g, u, d) = (&c[0].2, &c[1].2, &c[2].2);
-            (
-                (codes(g) + codes(u)) / (g.bytes() + u.bytes()) as f32,
-                codes(d) / d.bytes() as f32,
-            )
+            LayerBytes {
+                codes_in: codes(g) + codes(u),
+                bytes_in: (g.bytes() + u.bytes()) as f64,
+                codes_down: codes(d),
+                bytes_down: d.bytes() as f64,
+            }
         })
         .collect()
 }
