@@ -467,7 +467,7 @@ fn qat_start_trains_plain_lora_until_the_switch_then_qat() {
         );
     }
     // Bad fractions are refused with what was wrong.
-    for (f, says) in [(1.0, "[0, 1)"), (-0.1, "[0, 1)"), (0.95, "no step")] {
+    for (f, says) in [(1.0, "[0, 1)"), (-0.1, "[0, 1)"), (f32::NAN, "[0, 1)")] {
         let o = TrainOptions {
             qat_start: f,
             ..opts(QatMode::Ste, 6)

@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-4)]
     lsq_lr: f32,
     /// With --qat: the fraction of --steps trained as plain LoRA before fake quantization
-    /// switches on at step round(F·steps) (0: quantization-aware from the first step). Lets QAT
+    /// switches on after floor(F·steps) steps (0: quantization-aware from the first step). Lets QAT
     /// use plain LoRA's rates, at which it diverges when it quantizes from the start.
     #[arg(long, value_name = "F")]
     qat_start: Option<f32>,

@@ -47,7 +47,7 @@ pub struct TrainOptions {
     /// schedule as `lr`; no weight decay.
     pub lsq_lr: f32,
     /// Under QAT, the fraction of `steps` trained as plain LoRA (adapters unmerged, no fake
-    /// quantization) before fake quantization switches on, at step `round(qat_start · steps)`.
+    /// quantization) before fake quantization switches on, at step `floor(qat_start · steps)`.
     /// Fake quantization from step 0 makes the adapters' first updates invisible until they cross
     /// a rounding boundary, and at plain LoRA's best rates many then cross at once (the run
     /// diverges); a plain start lets the adapters grow smoothly first. Ignored without QAT.
@@ -122,21 +122,16 @@ impl TrainOptions {
                 self.qat_start
             ));
         }
-        if self.qat != QatMode::None && self.qat_start_step() >= self.steps {
-            return bad(format!(
-                "--qat-start {} of {} steps leaves no step for quantization-aware training",
-                self.qat_start, self.steps
-            ));
-        }
         if self.qat != QatMode::None && self.lora.dropout > 0.0 {
             return bad("LoRA dropout applies to unmerged adapters; use it with --qat none".into());
         }
         Ok(())
     }
 
-    /// The step at which fake quantization switches on (under QAT).
+    /// The step at which fake quantization switches on (under QAT): `floor(qat_start · steps)`,
+    /// below `steps` for any fraction below 1, so at least the last step is quantization-aware.
     pub fn qat_start_step(&self) -> usize {
-        (self.qat_start as f64 * self.steps as f64).round() as usize
+        (self.qat_start as f64 * self.steps as f64).floor() as usize
     }
 
     fn schedule(&self) -> Schedule {
