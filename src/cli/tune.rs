@@ -31,13 +31,14 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-4)]
     lsq_lr: f32,
     /// With --qat: the fraction of --steps trained as plain LoRA before fake quantization
-    /// switches on after floor(F·steps) steps (0: quantization-aware from the first step). Lets QAT
-    /// use plain LoRA's rates, at which it diverges when it quantizes from the start.
+    /// switches on after floor(F·steps) steps (default 0.5; 0: quantization-aware from the first
+    /// step). Lets QAT use plain LoRA's rates, at which it diverges when it quantizes from the
+    /// start.
     #[arg(long, value_name = "F")]
     qat_start: Option<f32>,
     /// With --qat lsq and a --qat-start after step 0: the grid learning starts from at the switch:
     /// search (the error-minimising grid of W + s·BA at that point, what merging the plain
-    /// adapters trained so far would write) or base (the base's own).
+    /// adapters trained so far would write; the default) or base (the base's own).
     #[arg(long)]
     lsq_init: Option<String>,
     /// Gradient checkpointing: none, every, every:N or sqrt.

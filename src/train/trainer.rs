@@ -78,7 +78,8 @@ impl Default for TrainOptions {
             checkpoint: Checkpoint::None,
             qat: QatMode::None,
             lsq_lr: 1e-4,
-            qat_start: 0.0,
+            // Measured best of 0.25/0.5/0.75 (BENCHMARKS.md, 2026-12-07 session 2).
+            qat_start: 0.5,
             lsq_init: GridInit::Search,
             seed: 42,
             eval_every: 0,
