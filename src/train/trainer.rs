@@ -78,7 +78,8 @@ impl Default for TrainOptions {
             checkpoint: Checkpoint::None,
             qat: QatMode::None,
             lsq_lr: 1e-4,
-            // Measured best of 0.25/0.5/0.75 (BENCHMARKS.md, 2026-12-07 session 2).
+            // At 40 steps and lr 1e-2, 0.5 merged better than 0.75 and 0.25 (BENCHMARKS.md,
+            // 2026-12-07 session 2).
             qat_start: 0.5,
             lsq_init: GridInit::Search,
             seed: 42,
