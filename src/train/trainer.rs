@@ -78,7 +78,7 @@ impl Default for TrainOptions {
             checkpoint: Checkpoint::None,
             qat: QatMode::None,
             lsq_lr: 1e-4,
-            // At 40 steps and lr 1e-2, 0.5 merged better than 0.75 and 0.25 (BENCHMARKS.md,
+            // At 40 steps and lr 1e-2, 0.5 merged better than 0.25, 0.6 and 0.75 (BENCHMARKS.md,
             // 2026-12-07 session 2).
             qat_start: 0.5,
             lsq_init: GridInit::Search,
