@@ -14,7 +14,7 @@ use pare::model::{Logits, Lora, LoraConfig, Model, State, Target};
 use pare::pipeline::schedule::{Schedule, Step};
 use pare::train::checkpointing::{loss_and_grad, Checkpoint};
 use pare::train::data::{self, Sample};
-use pare::train::fake_quant::{FakeQuant, Grids, QatMode};
+use pare::train::fake_quant::{FakeQuant, GridInit, Grids, QatMode};
 use pare::train::trainer::{Stages, TrainOptions, Trainer};
 
 fn synthetic(dir: &std::path::Path, ty: &str, layers: usize) -> std::path::PathBuf {
@@ -187,20 +187,28 @@ fn opts(qat: QatMode, steps: usize) -> TrainOptions {
 fn an_interrupted_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let q8 = synthetic(dir.path(), "q8_0", 2);
-    resume_check(&dir.path().join("plain"), &q8, QatMode::None);
+    resume_check(&dir.path().join("plain"), &q8, QatMode::None, 0.0);
     // lsq also carries the learned grids and their optimizer state across the interruption.
     let q3 = synthetic_3bit(dir.path(), 2);
-    resume_check(&dir.path().join("lsq"), &q3, QatMode::Lsq);
+    resume_check(&dir.path().join("lsq"), &q3, QatMode::Lsq, 0.0);
+    // --qat-start: cut (after step 2) before the switch at step 4 of 5, whose searched grid the
+    // resumed run must make itself; and after the switch at step 2, whose grid it must load.
+    resume_check(&dir.path().join("lsq-late"), &q3, QatMode::Lsq, 0.6);
+    resume_check(&dir.path().join("lsq-early"), &q3, QatMode::Lsq, 0.2);
 }
 
-fn resume_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode) {
+fn resume_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode, qat_start: f32) {
     std::fs::create_dir_all(dir).unwrap();
     let model = load(base);
     let samples = text_samples(&model, 24);
     let (train, val) = data::split(samples, 0.2).unwrap();
     let never = AtomicBool::new(false);
     let straight = dir.join("straight");
-    let mut a = Trainer::new(&model, opts(mode, 5), train.clone(), val.clone()).unwrap();
+    let o = TrainOptions {
+        qat_start,
+        ..opts(mode, 5)
+    };
+    let mut a = Trainer::new(&model, o.clone(), train.clone(), val.clone()).unwrap();
     a.run(&straight, "synthetic", &never, |_| {}).unwrap();
     assert!(straight.join("loss.png").exists());
     assert!(straight.join("adapter_model.safetensors").exists());
@@ -211,7 +219,7 @@ fn resume_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode) {
     // Interrupted after step 2 (as Ctrl-C does), then resumed with another checkpoint mode.
     let cut = dir.join("cut");
     let stop = AtomicBool::new(false);
-    let mut b = Trainer::new(&model, opts(mode, 5), train.clone(), val.clone()).unwrap();
+    let mut b = Trainer::new(&model, o, train.clone(), val.clone()).unwrap();
     let r = b.run(&cut, "synthetic", &stop, |rec| {
         if rec.step == 2 {
             stop.store(true, std::sync::atomic::Ordering::Relaxed)
@@ -219,6 +227,7 @@ fn resume_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode) {
     });
     assert!(matches!(r, Err(pare::Error::Interrupted)), "{r:?}");
     assert_eq!(b.step, 2);
+    let b_switched = b.qat_from.is_some();
     drop(b);
     let mut c = Trainer::resume(
         &model,
@@ -230,7 +239,9 @@ fn resume_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode) {
     )
     .unwrap();
     assert_eq!(c.step, 2);
+    assert_eq!(c.qat_from.is_some(), b_switched, "resumed switch state");
     c.run(&cut, "synthetic", &never, |_| {}).unwrap();
+    assert_eq!(c.qat_from, a.qat_from);
     assert!(
         bits(&c.lora()) == bits(&a.lora()),
         "resumed adapters differ"
@@ -259,24 +270,29 @@ fn qat_trains_what_the_merged_requantized_model_computes() {
     let dir = tempfile::tempdir().unwrap();
     let q8 = synthetic(dir.path(), "q8_0", 2);
     let q3 = synthetic_3bit(dir.path(), 2);
-    for (base, mode) in [
-        (&q8, QatMode::Ste),
-        (&q3, QatMode::Clipped),
-        (&q3, QatMode::Lsq),
-        (&q8, QatMode::Lsq),
+    for (base, mode, qat_start) in [
+        (&q8, QatMode::Ste, 0.0),
+        (&q3, QatMode::Clipped, 0.0),
+        (&q3, QatMode::Lsq, 0.0),
+        (&q8, QatMode::Lsq, 0.0),
+        // Plain LoRA for steps 1-2, then QAT (lsq from the searched grid of W + s·BA).
+        (&q3, QatMode::Lsq, 0.5),
+        (&q3, QatMode::Ste, 0.5),
     ] {
-        qat_merge_check(dir.path(), base, mode);
+        qat_merge_check(dir.path(), base, mode, qat_start);
     }
 }
 
-fn qat_merge_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode) {
+fn qat_merge_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode, qat_start: f32) {
     let model = load(base);
     let samples = text_samples(&model, 24);
     let (train, val) = data::split(samples, 0.2).unwrap();
-    let out = dir.join(format!("qat-{}", mode.name()));
+    let name = format!("{}-{qat_start}", mode.name());
+    let out = dir.join(format!("qat-{name}"));
     // A rate high enough that some adapted values cross a 3-bit rounding boundary in 4 steps.
     let o = TrainOptions {
         lr: 3e-2,
+        qat_start,
         ..opts(mode, 4)
     };
     let mut t = Trainer::new(&model, o, train, val.clone()).unwrap();
@@ -289,7 +305,7 @@ fn qat_merge_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode)
         assert_eq!(t.grids, initial, "{mode:?} changed the base's grid");
     }
     let trained = t.evaluate().unwrap().unwrap();
-    let merged_path = dir.join(format!("merged-{}.gguf", mode.name()));
+    let merged_path = dir.join(format!("merged-{name}.gguf"));
     let lora = Lora::load(&out, &model.config).unwrap();
     let qat = pare::train::fake_quant::load_state(&out).unwrap().unwrap();
     assert_eq!(qat.mode, mode);
@@ -343,6 +359,122 @@ fn qat_merge_check(dir: &std::path::Path, base: &std::path::Path, mode: QatMode)
         st.logits != st2.logits,
         "{mode:?}: the merge changed nothing"
     );
+}
+
+/// The loss of step `step` (0-based) of a run with options `o`, computed apart from the trainer:
+/// its sequences, weighted as the trainer weights them, through `lora` and `merged`.
+fn step_loss(
+    model: &Model,
+    o: &TrainOptions,
+    train: &[Sample],
+    step: usize,
+    lora: &Lora,
+    merged: Option<&dyn MergedWeight>,
+) -> f64 {
+    let picks: Vec<&Sample> = (0..o.accum)
+        .map(|i| &train[data::sample_index(o.seed, train.len(), step * o.accum + i)])
+        .collect();
+    let total: usize = picks.iter().map(|s| s.n_scored()).sum();
+    let t = Trainable {
+        model,
+        lora,
+        merged,
+        dropout_seed: None,
+    };
+    picks
+        .iter()
+        .map(|s| {
+            let w: Vec<f32> = s
+                .scored
+                .iter()
+                .map(|&b| if b { 1.0 / total as f32 } else { 0.0 })
+                .collect();
+            let mut g = Lora::zeros(&model.config, lora.config.clone());
+            loss_and_grad(&t, &s.tokens, &w, Checkpoint::None, &mut g)
+                .unwrap()
+                .loss
+        })
+        .sum()
+}
+
+#[test]
+fn qat_start_trains_plain_lora_until_the_switch_then_qat() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&synthetic_3bit(dir.path(), 2));
+    let (train, val) = data::split(text_samples(&model, 24), 0.2).unwrap();
+    let plain_o = TrainOptions {
+        lora: lora_cfg(&[Target::Q, Target::V, Target::Up]),
+        ..opts(QatMode::None, 6)
+    };
+    for init in [GridInit::Search, GridInit::Base] {
+        let o = TrainOptions {
+            qat_start: 0.5,
+            lsq_init: init,
+            ..opts(QatMode::Lsq, 6)
+        };
+        assert_eq!(o.qat_start_step(), 3);
+        let mut plain = Trainer::new(&model, plain_o.clone(), train.clone(), val.clone()).unwrap();
+        let mut late = Trainer::new(&model, o.clone(), train.clone(), val.clone()).unwrap();
+        let base_grids = late.grids.clone();
+        // Steps 1-3: plain LoRA, bit for bit (losses, gradient norms, adapters, validation).
+        for _ in 0..3 {
+            let (a, b) = (plain.train_step().unwrap(), late.train_step().unwrap());
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}", a.step);
+            assert_eq!(
+                a.grad_norm.to_bits(),
+                b.grad_norm.to_bits(),
+                "step {}",
+                a.step
+            );
+            assert!(bits(&plain.lora()) == bits(&late.lora()), "step {}", a.step);
+        }
+        assert_eq!(late.qat_from, None);
+        assert_eq!(late.qat_mode(), QatMode::None);
+        assert_eq!(
+            plain.evaluate().unwrap().map(f64::to_bits),
+            late.evaluate().unwrap().map(f64::to_bits)
+        );
+        // Step 4: the loss of the adapters fake-quantized onto the grid `init` names.
+        let grid = match init {
+            GridInit::Search => base_grids.searched(&model, &late.lora()).unwrap(),
+            GridInit::Base => base_grids.clone(),
+        };
+        if init == GridInit::Search {
+            assert_ne!(
+                grid, base_grids,
+                "the search kept the base's grid everywhere"
+            );
+        }
+        let fq = FakeQuant::new(&model, &late.lora(), QatMode::Lsq, &grid).unwrap();
+        let want = step_loss(&model, &o, &train, 3, &late.lora(), Some(&fq));
+        let plain_want = step_loss(&model, &o, &train, 3, &late.lora(), None);
+        let (a, b) = (plain.train_step().unwrap(), late.train_step().unwrap());
+        assert_eq!(late.qat_from, Some(3));
+        assert_eq!(late.qat_mode(), QatMode::Lsq);
+        assert!(
+            (a.loss - plain_want).abs() <= 1e-9 * plain_want,
+            "{a:?} vs {plain_want}"
+        );
+        assert!(
+            (b.loss - want).abs() <= 1e-9 * want,
+            "{init:?}: {b:?} vs {want}"
+        );
+        assert!(a.loss != b.loss, "{init:?}: the switch changed nothing");
+        // lsq learns from there: the grid moved off its starting point.
+        assert_ne!(
+            late.grids, grid,
+            "{init:?}: lsq learned nothing after the switch"
+        );
+    }
+    // Bad fractions are refused with what was wrong.
+    for (f, says) in [(1.0, "[0, 1)"), (-0.1, "[0, 1)"), (f32::NAN, "[0, 1)")] {
+        let o = TrainOptions {
+            qat_start: f,
+            ..opts(QatMode::Ste, 6)
+        };
+        let err = format!("{:?}", o.validate().err());
+        assert!(err.contains(says), "{f}: {err}");
+    }
 }
 
 #[test]
@@ -813,6 +945,17 @@ fn cli_tunes_over_stages_and_refuses_bad_stage_options() {
             "disagree",
         ),
         (&["--stages", "9"][..], "stages"),
+        // QAT's options without QAT, and a fraction out of range.
+        (&["--qat-start", "0.5"][..], "needs --qat"),
+        (
+            &["--qat", "ste", "--lsq-init", "search"][..],
+            "needs --qat lsq",
+        ),
+        (
+            &["--qat", "lsq", "--lsq-init", "best"][..],
+            "expected base or search",
+        ),
+        (&["--qat", "ste", "--qat-start", "1.5"][..], "[0, 1)"),
     ] {
         let o = pare(bad);
         let err = String::from_utf8_lossy(&o.stderr);

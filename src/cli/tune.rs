@@ -4,7 +4,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pare::model::{Lora, LoraConfig, Target};
 use pare::pipeline::schedule::{self, Schedule};
 use pare::train::checkpointing::Checkpoint;
-use pare::train::fake_quant::QatMode;
+use pare::train::fake_quant::{GridInit, QatMode};
 use pare::train::trainer::{Stages, TrainOptions, Trainer};
 use pare::train::{data, memory};
 
@@ -30,6 +30,17 @@ pub struct Args {
     /// Peak learning rate of lsq's step sizes and minimums (same schedule as --lr).
     #[arg(long, default_value_t = 1e-4)]
     lsq_lr: f32,
+    /// With --qat: the fraction of --steps trained as plain LoRA before fake quantization
+    /// switches on after floor(F·steps) steps (default 0.5; 0: quantization-aware from the first
+    /// step). Lets QAT use plain LoRA's rates, at which it diverges when it quantizes from the
+    /// start.
+    #[arg(long, value_name = "F")]
+    qat_start: Option<f32>,
+    /// With --qat lsq and a --qat-start after step 0: the grid learning starts from at the switch:
+    /// search (the error-minimising grid of W + s·BA at that point, what merging the plain
+    /// adapters trained so far would write; the default) or base (the base's own).
+    #[arg(long)]
+    lsq_init: Option<String>,
     /// Gradient checkpointing: none, every, every:N or sqrt.
     #[arg(long, default_value = "none")]
     checkpoint: String,
@@ -104,6 +115,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     let checkpoint = Checkpoint::parse(&a.checkpoint)?;
     let accum = sequences_per_step(&a)?;
+    let qat = QatMode::parse(&a.qat)?;
+    anyhow::ensure!(
+        a.qat_start.is_none() || qat != QatMode::None,
+        "--qat-start switches fake quantization on part-way; it needs --qat ste, clipped or lsq"
+    );
+    anyhow::ensure!(
+        a.lsq_init.is_none() || qat == QatMode::Lsq,
+        "--lsq-init chooses the grid --qat lsq learns from; it needs --qat lsq"
+    );
     let opts = TrainOptions {
         lora: LoraConfig {
             rank: a.rank,
@@ -120,8 +140,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         weight_decay: a.weight_decay,
         clip: a.clip,
         checkpoint,
-        qat: QatMode::parse(&a.qat)?,
+        qat,
         lsq_lr: a.lsq_lr,
+        qat_start: a.qat_start.unwrap_or(TrainOptions::default().qat_start),
+        lsq_init: match &a.lsq_init {
+            Some(s) => GridInit::parse(s)?,
+            None => TrainOptions::default().lsq_init,
+        },
         seed: a.seed,
         eval_every: a.eval_every,
         eval_samples: a.eval_samples,
@@ -191,7 +216,10 @@ fn train_and_report(a: &Args, mut trainer: Trainer) -> anyhow::Result<()> {
             Lora::zeros(&model.config, trainer.opts.lora.clone()).n_params(),
             trainer.opts.lora.rank,
             a.targets,
-            trainer.opts.qat.name(),
+            match (trainer.opts.qat, trainer.opts.qat_start_step()) {
+                (QatMode::None, _) | (_, 0) => trainer.opts.qat.name().to_string(),
+                (q, k) => format!("{} from step {} (plain LoRA before)", q.name(), k + 1),
+            },
             trainer.opts.checkpoint.name(),
             pare::parallel::threads()
         );

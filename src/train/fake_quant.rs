@@ -78,6 +78,37 @@ impl QatMode {
     }
 }
 
+/// `--lsq-init`: the grid `lsq` starts learning from when quantization switches on after step 0
+/// (`--qat-start`). At step 0 `W + s·B·A = W` lies exactly on the base's own grid, so that grid is
+/// used whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GridInit {
+    /// The base's own scales and minimums.
+    Base,
+    /// The error-minimising search's grid for `W + s·B·A` as it stands at the switch: the grid a
+    /// merge of plain adapters would choose, so QAT starts from what that merge would write.
+    Search,
+}
+
+impl GridInit {
+    pub fn parse(s: &str) -> Result<GridInit> {
+        match s {
+            "base" => Ok(GridInit::Base),
+            "search" => Ok(GridInit::Search),
+            _ => Err(Error::Invalid(format!(
+                "--lsq-init {s:?}: expected base or search"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GridInit::Base => "base",
+            GridInit::Search => "search",
+        }
+    }
+}
+
 /// The grid of one matrix in a pq format: per group (row after row, [`GroupGrid::groups`] per row)
 /// a scale `d` and a minimum `m` (0 in symmetric formats), as the groups' f16 headers store them.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +233,33 @@ impl Grids {
             layers.push(row);
         }
         Ok(Grids { layers })
+    }
+
+    /// The grids the error-minimising search (as `pare merge` runs it on plain adapters) chooses
+    /// for `W + s·B·A` of every matrix that has a grid in `self`; same shapes and formats.
+    pub fn searched(&self, model: &crate::model::Model, lora: &Lora) -> Result<Grids> {
+        let s = lora.scale();
+        let mut out = self.clone();
+        let mut v = Vec::new();
+        for (l, row) in out.layers.iter_mut().enumerate() {
+            for t in Target::ALL {
+                let Some(g) = row[t as usize].as_mut() else {
+                    continue;
+                };
+                let ad = lora.layers.get(l).and_then(|r| r[t as usize].as_ref());
+                let ad = ad.ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "no adapter for layer {l} {t:?} to search a grid for"
+                    ))
+                })?;
+                let w = matrix(&model.weights.layers[l], t);
+                merged(w, ad, s, &mut v)?;
+                let mut bytes = vec![0u8; w.n_bytes()];
+                quantize_rows(w.ty, &v, w.cols, &Options::default(), &mut bytes)?;
+                *g = GroupGrid::from_bytes(g.p, w.rows, w.cols, &bytes)?;
+            }
+        }
+        Ok(out)
     }
 
     pub fn get(&self, l: usize, t: Target) -> Option<&GroupGrid> {

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::checkpointing::Checkpoint;
 use super::data::{self, Sample};
-use super::fake_quant::{self, FakeQuant, Grids, QatMode};
+use super::fake_quant::{self, FakeQuant, GridInit, Grids, QatMode};
 use super::optimizer::{scale_to_norm, AdamW, Schedule};
 use crate::error::{Error, Result};
 use crate::format::safetensors::{self as st, Dtype, LazyTensor, SafetensorsFile};
@@ -46,6 +46,14 @@ pub struct TrainOptions {
     /// Peak learning rate of the learned step sizes and offsets (`--qat lsq`), on the same
     /// schedule as `lr`; no weight decay.
     pub lsq_lr: f32,
+    /// Under QAT, the fraction of `steps` trained as plain LoRA (adapters unmerged, no fake
+    /// quantization) before fake quantization switches on, at step `floor(qat_start · steps)`.
+    /// Fake quantization from step 0 makes the adapters' first updates invisible until they cross
+    /// a rounding boundary, and at plain LoRA's best rates many then cross at once (the run
+    /// diverges); a plain start lets the adapters grow smoothly first. Ignored without QAT.
+    pub qat_start: f32,
+    /// The grid `lsq` learns from when it switches on after step 0.
+    pub lsq_init: GridInit,
     pub seed: u64,
     /// Validation every this many steps (0: only at the end).
     pub eval_every: usize,
@@ -70,6 +78,10 @@ impl Default for TrainOptions {
             checkpoint: Checkpoint::None,
             qat: QatMode::None,
             lsq_lr: 1e-4,
+            // At 40 steps and lr 1e-2, 0.5 merged better than 0.25, 0.6 and 0.75 (BENCHMARKS.md,
+            // 2026-12-07 session 2).
+            qat_start: 0.5,
+            lsq_init: GridInit::Search,
             seed: 42,
             eval_every: 0,
             eval_samples: 0,
@@ -106,10 +118,22 @@ impl TrainOptions {
         if !(self.weight_decay >= 0.0 && self.clip >= 0.0) {
             return bad("weight decay and clipping must not be negative".into());
         }
+        if !(0.0..1.0).contains(&self.qat_start) {
+            return bad(format!(
+                "--qat-start {} must be a fraction of the steps in [0, 1)",
+                self.qat_start
+            ));
+        }
         if self.qat != QatMode::None && self.lora.dropout > 0.0 {
             return bad("LoRA dropout applies to unmerged adapters; use it with --qat none".into());
         }
         Ok(())
+    }
+
+    /// The step at which fake quantization switches on (under QAT): `floor(qat_start · steps)`,
+    /// below `steps` for any fraction below 1, so at least the last step is quantization-aware.
+    pub fn qat_start_step(&self) -> usize {
+        (self.qat_start as f64 * self.steps as f64).floor() as usize
     }
 
     fn schedule(&self) -> Schedule {
@@ -130,7 +154,7 @@ impl TrainOptions {
             "warmup": self.warmup, "min_lr_ratio": self.min_lr_ratio,
             "weight_decay": self.weight_decay, "clip": self.clip,
             "checkpoint": self.checkpoint.name(), "qat": self.qat.name(), "lsq_lr": self.lsq_lr,
-            "seed": self.seed,
+            "qat_start": self.qat_start, "lsq_init": self.lsq_init.name(), "seed": self.seed,
             "eval_every": self.eval_every, "eval_samples": self.eval_samples,
             "save_every": self.save_every,
         })
@@ -189,6 +213,15 @@ impl TrainOptions {
                 .get("lsq_lr")
                 .and_then(|v| v.as_f64())
                 .map_or(TrainOptions::default().lsq_lr, |v| v as f32),
+            // Absent from checkpoints written before `--qat-start`: QAT from step 0.
+            qat_start: j
+                .get("qat_start")
+                .and_then(|v| v.as_f64())
+                .map_or(0.0, |v| v as f32),
+            lsq_init: match j.get("lsq_init").and_then(|v| v.as_str()) {
+                Some(v) => GridInit::parse(v)?,
+                None => GridInit::Base,
+            },
             seed: j
                 .get("seed")
                 .and_then(|v| v.as_u64())
@@ -255,6 +288,9 @@ pub struct Trainer<'m> {
     pub grids: Grids,
     /// Moments of the learned grids (`lsq`; empty otherwise), stepped at `--lsq-lr`.
     grid_opt: AdamW,
+    /// The step at which fake quantization switched on (`None`: plain LoRA so far, or no QAT).
+    /// Kept in the checkpoint, so a resume with other `--steps` does not move a switch made.
+    pub qat_from: Option<usize>,
     /// Steps done.
     pub step: usize,
     pub history: Vec<Record>,
@@ -321,6 +357,8 @@ impl<'m> Trainer<'m> {
             QatMode::Lsq => grids.params().map(|p| p.len()).collect(),
             _ => Vec::new(),
         };
+        // From step 0 the base's own grid is exact for `W + s·B·A = W` (B = 0): nothing to set up.
+        let qat_from = (opts.qat != QatMode::None && opts.qat_start_step() == 0).then_some(0);
         Ok(Trainer {
             model,
             opts,
@@ -330,6 +368,7 @@ impl<'m> Trainer<'m> {
             rank: None,
             grid_opt: AdamW::new(&grid_sizes, 0.0),
             grids,
+            qat_from,
             step: 0,
             history: Vec::new(),
             train,
@@ -407,9 +446,18 @@ impl<'m> Trainer<'m> {
             state.apply(&mut t.grids)?;
         }
         t.step = j["step"].as_u64().unwrap_or(0) as usize;
+        // Written since `--qat-start`: null before the switch; absent before that option, when
+        // QAT (if any) ran from step 0, as `Trainer::new` has set.
+        if let Some(v) = j.get("qat_from") {
+            t.qat_from = v.as_u64().map(|v| v as usize);
+        }
         let p = &mut t.parts[0];
         p.opt.t = j["optimizer_t"].as_u64().unwrap_or(0);
-        t.grid_opt.t = p.opt.t;
+        // The grids' optimizer started at the switch (one update per step since).
+        t.grid_opt.t = match t.qat_from {
+            Some(from) => p.opt.t.saturating_sub(from as u64),
+            None => 0,
+        };
         let opt_file = SafetensorsFile::open(dir.join(OPTIMIZER_FILE))?;
         let moments = p.opt.m.iter_mut().zip(&mut p.opt.v);
         let grid_moments = t.grid_opt.m.iter_mut().zip(&mut t.grid_opt.v);
@@ -609,6 +657,13 @@ impl<'m> Trainer<'m> {
     /// the order of their schedule (one stage: one sequence after another).
     pub fn train_step(&mut self) -> Result<Record> {
         let start = Instant::now();
+        if self.opts.qat != QatMode::None
+            && self.qat_from.is_none()
+            && self.step >= self.opts.qat_start_step()
+        {
+            self.start_qat()?;
+        }
+        let qat = self.qat_mode();
         let o = &self.opts;
         if self.fed && self.rank.is_none() {
             return Err(Error::Invalid(
@@ -626,7 +681,7 @@ impl<'m> Trainer<'m> {
         let total: usize = picks.iter().map(|&i| self.train[i].n_scored()).sum();
         // Under QAT the adapted weights are quantized once per step (under MPI, this rank's).
         let fq_start = Instant::now();
-        let fq = match o.qat {
+        let fq = match qat {
             QatMode::None => None,
             mode => Some(FakeQuant::new(self.model, &self.lora(), mode, &self.grids)?),
         };
@@ -681,7 +736,7 @@ impl<'m> Trainer<'m> {
             e => e,
         })?;
         let r0 = &reports[0];
-        if let Some(fq) = fq.filter(|_| o.qat == QatMode::Lsq) {
+        if let Some(fq) = fq.filter(|_| qat == QatMode::Lsq) {
             // The grids' gradients were counted in the global norm; clip them by it too.
             let mut gg = fq.grid_grads();
             let mut g: Vec<&mut Vec<f32>> = gg.params_mut().collect();
@@ -714,6 +769,31 @@ impl<'m> Trainer<'m> {
         Ok(rec)
     }
 
+    /// The QAT mode in force at this point of the run: `opts.qat` once fake quantization has
+    /// switched on, `None` (plain LoRA) before.
+    pub fn qat_mode(&self) -> QatMode {
+        match self.qat_from {
+            Some(_) => self.opts.qat,
+            None => QatMode::None,
+        }
+    }
+
+    /// Switches fake quantization on at this step (`--qat-start`). `lsq` with `--lsq-init
+    /// search` after step 0 starts from the grid the search chooses for the adapted weights as
+    /// they stand, which is what a merge of the plain adapters trained so far would write; its
+    /// grids' optimizer starts afresh (moments zero, bias correction from its first update).
+    fn start_qat(&mut self) -> Result<()> {
+        if self.opts.qat == QatMode::Lsq {
+            if self.step > 0 && self.opts.lsq_init == GridInit::Search {
+                self.grids = self.grids.searched(self.model, &self.lora())?;
+            }
+            let sizes: Vec<usize> = self.grids.params().map(|p| p.len()).collect();
+            self.grid_opt = AdamW::new(&sizes, 0.0);
+        }
+        self.qat_from = Some(self.step);
+        Ok(())
+    }
+
     /// Mean loss per scored token over the validation sequences (the first `eval_samples`, or
     /// all), with the adapters as trained (fake-quantized under QAT); `None` without any. It runs
     /// through the stages like a training forward, each stage with its own layers and adapters
@@ -724,7 +804,7 @@ impl<'m> Trainer<'m> {
             k => k.min(self.val.len()),
         };
         // Under MPI `self.lora()` is this rank's share: the fake quantizer of its layers.
-        let fq = fake_quant_of(self.model, &self.lora(), self.opts.qat, &self.grids)?;
+        let fq = fake_quant_of(self.model, &self.lora(), self.qat_mode(), &self.grids)?;
         let job = EvalJob {
             model: self.model,
             merged: fq.as_ref().map(|f| f as &dyn MergedWeight),
@@ -787,13 +867,15 @@ impl<'m> Trainer<'m> {
     /// The PEFT adapter files, and under QAT what `pare merge` needs to store what was trained
     /// ([`fake_quant::save_state`]; `lsq`'s grids go into the adapter file).
     fn save_adapters(&self, dir: &Path, base_name: &str, lora: &Lora) -> Result<()> {
-        let extra = match self.opts.qat {
+        // Before the switch (`--qat-start`) the adapters are plain LoRA's, and saved as such.
+        let qat = self.qat_mode();
+        let extra = match qat {
             QatMode::Lsq => fake_quant::grid_tensors(&self.grids),
             _ => Vec::new(),
         };
         lora.save_with(dir, base_name, extra)?;
         let state = dir.join(fake_quant::STATE_FILE);
-        match self.opts.qat {
+        match qat {
             QatMode::None if state.exists() => {
                 // A plain run must not inherit an earlier QAT run's state in the same directory.
                 std::fs::remove_file(&state).map_err(|e| Error::io(&state, e))
@@ -834,6 +916,7 @@ impl<'m> Trainer<'m> {
         let state = json!({
             "step": self.step,
             "optimizer_t": all.t,
+            "qat_from": self.qat_from,
             "options": self.opts.to_json(),
             "data": {"fingerprint": self.data_fingerprint()},
             "history": self.history.iter().map(record_to_json).collect::<Vec<_>>(),
