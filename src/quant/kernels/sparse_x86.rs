@@ -72,6 +72,21 @@ fn with_offsets<R>(l: &Layout, act: &Active, f: impl FnOnce(&[[usize; 4]]) -> R)
     })
 }
 
+/// Quads ahead whose codes a tile fetches while it computes the current one: the active inputs
+/// jump through the matrix, which the hardware prefetcher does not follow (the dense kernels'
+/// prefetch made dense decode ~1.8x cheaper and left the sparse path slower than dense).
+const AHEAD: usize = 4;
+
+/// Hints the cache to fetch the codes of quad `k + AHEAD` of this tile (nothing past the last).
+#[inline(always)]
+unsafe fn prefetch_quad(base: *const u8, offs: &[[usize; 4]], k: usize) {
+    if let Some(next) = offs.get(k + AHEAD) {
+        for &at in next {
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at) as *const i8);
+        }
+    }
+}
+
 /// Calls `$inner::<BITS, SYM>` for the matrix's format.
 macro_rules! by_format {
     ($inner:ident, $w:expr, $($arg:expr),*) => {{
@@ -245,6 +260,7 @@ unsafe fn tile512<const BITS: u32, const SYM: bool>(
         }
         let mut acc = [_mm512_setzero_si512(); 4];
         for k in b.quads.start as usize..b.quads.end as usize {
+            prefetch_quad(base, offs, k);
             let off = offs.get_unchecked(k);
             let c: [__m512i; 4] =
                 std::array::from_fn(|t| decode512::<BITS, SYM>(base.add(off[t]), cb, nc));
@@ -352,6 +368,7 @@ unsafe fn tile256<const BITS: u32, const SYM: bool>(
             gacc = [_mm256_setzero_ps(); 4];
         }
         for k in b.quads.start as usize..b.quads.end as usize {
+            prefetch_quad(base, offs, k);
             let (off, quad) = (offs.get_unchecked(k), act.quads.get_unchecked(k));
             for (t, &at) in off.iter().enumerate() {
                 let q = quad.q(t);
