@@ -21,12 +21,21 @@ fn fixture_bytes() -> Vec<u8> {
 
 /// Opens `bytes` as a GGUF file, turning a panic into a test failure that names the case.
 fn open_bytes(bytes: &[u8], case: &str) -> pare::Result<Gguf> {
+    open_bytes_with(bytes, case, |p| Gguf::open(p))
+}
+
+/// As [`open_bytes`], with `open` (`Gguf::open` or `Gguf::open_lean`).
+fn open_bytes_with(
+    bytes: &[u8],
+    case: &str,
+    open: fn(&std::path::Path) -> pare::Result<Gguf>,
+) -> pare::Result<Gguf> {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     f.write_all(bytes).unwrap();
     f.flush().unwrap();
-    match catch_unwind(AssertUnwindSafe(|| Gguf::open(f.path()))) {
+    match catch_unwind(AssertUnwindSafe(|| open(f.path()))) {
         Ok(r) => r,
-        Err(_) => panic!("Gguf::open panicked on {case}"),
+        Err(_) => panic!("opening panicked on {case}"),
     }
 }
 
@@ -578,4 +587,161 @@ fn deeply_nested_arrays_are_rejected() {
     expect_err(&bad, "depth 9", &["deep", "nested more than 8"]);
     let very = kv_only_file(&[("deep", 9, nested(10_000))]);
     expect_err(&very, "depth 10000", &["nested more than 8"]);
+}
+
+/// A string array's value bytes: element type 8, length, then each string.
+fn str_array(items: &[&[u8]]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&8u32.to_le_bytes());
+    v.extend_from_slice(&(items.len() as u64).to_le_bytes());
+    for it in items {
+        v.extend_from_slice(&(it.len() as u64).to_le_bytes());
+        v.extend_from_slice(it);
+    }
+    v
+}
+
+/// A scalar array's value bytes: element type, length, then the raw elements.
+fn scalar_array(elem: u32, n: u64, raw: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&elem.to_le_bytes());
+    v.extend_from_slice(&n.to_le_bytes());
+    v.extend_from_slice(raw);
+    v
+}
+
+#[test]
+fn lean_open_leaves_out_the_tokenizer_arrays_and_still_checks_them() {
+    let i32s: Vec<u8> = [1i32, 2, 3].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let nested = {
+        let mut v = scalar_array(9, 2, &[]);
+        v.extend(scalar_array(0, 1, &[5]));
+        v.extend(str_array(&[b"x", b"yz"]));
+        v
+    };
+    let kvs = |tokens: Vec<u8>, types: Vec<u8>| {
+        kv_only_file(&[
+            ("general.ids", 9, scalar_array(0, 2, &[4, 2])),
+            ("tokenizer.ggml.tokens", 9, tokens),
+            ("tokenizer.ggml.model", 8, {
+                let mut v = 4u64.to_le_bytes().to_vec();
+                v.extend_from_slice(b"gpt2");
+                v
+            }),
+            ("tokenizer.ggml.token_type", 9, types),
+            ("tokenizer.nested", 9, nested.clone()),
+            ("tokenizer.flags", 9, scalar_array(7, 2, &[0, 1])),
+        ])
+    };
+    let bytes = kvs(str_array(&[b"a", b"", b"ccc"]), scalar_array(5, 3, &i32s));
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(&bytes).unwrap();
+    f.flush().unwrap();
+
+    let full = Gguf::open(f.path()).unwrap();
+    let lean = Gguf::open_lean(f.path()).unwrap();
+    assert!(full.is_complete() && !lean.is_complete());
+    // Kept: everything but the tokenizer's arrays.
+    assert_eq!(lean.get("general.ids"), full.get("general.ids"));
+    assert_eq!(lean.get_str("tokenizer.ggml.model"), Some("gpt2"));
+    assert_eq!(lean.metadata.len(), 2);
+    for (key, n) in [
+        ("tokenizer.ggml.tokens", 3),
+        ("tokenizer.ggml.token_type", 3),
+        ("tokenizer.nested", 2),
+        ("tokenizer.flags", 2),
+        ("general.ids", 2),
+    ] {
+        assert_eq!(lean.array_len(key), Some(n), "{key}");
+        assert_eq!(full.array_len(key), Some(n), "{key}");
+    }
+    assert!(lean.get("tokenizer.ggml.tokens").is_none());
+    let e = lean
+        .require("tokenizer.ggml.tokens")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("left out"), "{e}");
+    assert!(full.require("tokenizer.ggml.tokens").is_ok());
+    // with_complete parses the whole header again, in file order.
+    let again = lean
+        .with_complete(|g| {
+            assert!(g.is_complete());
+            Ok(g.metadata.clone())
+        })
+        .unwrap();
+    assert_eq!(again, full.metadata);
+    assert_eq!(lean.with_complete(|g| Ok(g.metadata.len())).unwrap(), 6);
+    assert_eq!(full.with_complete(|g| Ok(g.metadata.len())).unwrap(), 6);
+
+    // What open checks in the arrays, open_lean checks too, though it keeps none of them.
+    let lean_err = |b: &[u8], case: &str, needles: &[&str]| {
+        let msg = match open_bytes_with(b, case, |p| Gguf::open_lean(p)) {
+            Ok(_) => panic!("{case}: accepted by open_lean"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            needles.iter().all(|n| msg.contains(n)),
+            "{case}: {msg:?} lacks {needles:?}"
+        );
+        assert!(open_bytes(b, case).is_err(), "{case}: accepted by open");
+    };
+    lean_err(
+        &kvs(str_array(&[b"a", b"\xff", b"c"]), scalar_array(5, 3, &i32s)),
+        "bad utf-8",
+        &["tokenizer.ggml.tokens", "UTF-8"],
+    );
+    lean_err(
+        &kvs(str_array(&[b"a"]), scalar_array(5, 1 << 40, &i32s)),
+        "absurd length",
+        &["tokenizer.ggml.token_type", "more than the"],
+    );
+    lean_err(
+        &kvs(str_array(&[b"a"]), scalar_array(77, 3, &i32s)),
+        "unknown element type",
+        &["tokenizer.ggml.token_type", "unknown array element type 77"],
+    );
+    let mut bad_bool = bytes.clone();
+    let at = bad_bool.len() - 1;
+    bad_bool[at] = 2;
+    lean_err(
+        &bad_bool,
+        "bool byte 2",
+        &["tokenizer.flags", "bool byte is 2"],
+    );
+    for cut in 0..bytes.len() {
+        let r = open_bytes_with(&bytes[..cut], &format!("lean cut {cut}"), |p| {
+            Gguf::open_lean(p)
+        });
+        let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains("truncated") || msg.contains("more than the"),
+            "lean truncation at {cut}: {msg:?}"
+        );
+    }
+}
+
+#[test]
+fn headers_longer_than_the_first_read_are_read_whole() {
+    // One string past the reader's first 1 MiB piece, and a token list spanning pieces.
+    let long: Vec<u8> = (0..(3 << 20)).map(|i| b'a' + (i % 26) as u8).collect();
+    let tokens: Vec<Vec<u8>> = (0..200_000)
+        .map(|i| format!("tok{i}").into_bytes())
+        .collect();
+    let refs: Vec<&[u8]> = tokens.iter().map(|t| t.as_slice()).collect();
+    let bytes = kv_only_file(&[
+        ("tokenizer.ggml.tokens", 9, str_array(&refs)),
+        ("general.long", 8, {
+            let mut v = (long.len() as u64).to_le_bytes().to_vec();
+            v.extend_from_slice(&long);
+            v
+        }),
+    ]);
+    let g = open_bytes(&bytes, "long header").unwrap();
+    assert_eq!(g.get_str("general.long").map(str::len), Some(long.len()));
+    assert!(g.get_str("general.long").unwrap().as_bytes() == long.as_slice());
+    let t = g.get_str_array("tokenizer.ggml.tokens").unwrap();
+    assert_eq!((t.len(), t[199_999]), (200_000, "tok199999"));
+    let lean = open_bytes_with(&bytes, "long header, lean", |p| Gguf::open_lean(p)).unwrap();
+    assert_eq!(lean.array_len("tokenizer.ggml.tokens"), Some(200_000));
+    assert_eq!(lean.get("general.long"), g.get("general.long"));
 }

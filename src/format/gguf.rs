@@ -4,6 +4,13 @@
 //! map and is handed out as byte slices. Every count read from the file is checked against the bytes
 //! that remain before anything is allocated from it, so a malformed file gives an error, not a panic
 //! or a huge allocation.
+//!
+//! The header is read with `pread`, not through the map: a pipeline stage's resident memory must
+//! be its own tensors, and touching the header's pages through the map would make them (and, with
+//! the page cache's large folios, the first tensors' data beside them) resident in every process.
+//! [`Gguf::open_lean`] also leaves out the tokenizer's arrays (a few MB of small values for a
+//! 50k-token vocabulary), which a loaded model needs only to build a tokenizer once:
+//! [`Gguf::with_complete`] parses the header again for that.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -52,6 +59,24 @@ pub mod value_type {
     pub const U64: u32 = 10;
     pub const I64: u32 = 11;
     pub const F64: u32 = 12;
+}
+
+/// The size in the file of a value of scalar type `ty`; `None` for strings, arrays and unknown
+/// types.
+fn fixed_size(ty: u32) -> Option<usize> {
+    use value_type as t;
+    match ty {
+        t::U8 | t::I8 | t::BOOL => Some(1),
+        t::U16 | t::I16 => Some(2),
+        t::U32 | t::I32 | t::F32 => Some(4),
+        t::U64 | t::I64 | t::F64 => Some(8),
+        _ => None,
+    }
+}
+
+/// Whether [`Gguf::open_lean`] leaves a metadata entry out: the tokenizer's arrays.
+fn lean_skips(key: &str, ty: u32) -> bool {
+    ty == value_type::ARRAY && key.starts_with("tokenizer.")
 }
 
 impl Value {
@@ -195,9 +220,11 @@ impl TensorInfo {
 pub struct Gguf {
     pub path: PathBuf,
     pub version: u32,
-    /// Metadata in file order.
+    /// Metadata in file order (without the entries in `left_out`).
     pub metadata: Vec<(String, Value)>,
     meta_index: HashMap<String, usize>,
+    /// The entries [`Gguf::open_lean`] left out, with their element counts.
+    left_out: HashMap<String, usize>,
     pub tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
     pub alignment: u64,
@@ -219,18 +246,34 @@ impl std::fmt::Debug for Gguf {
     }
 }
 
-/// A bounds-checked little-endian cursor over the file's bytes.
-struct Cursor<'a> {
-    buf: &'a [u8],
+/// A bounds-checked little-endian cursor over the file's header, read from the file in growing
+/// pieces as the parse goes (the header's size is known only once it has been parsed).
+struct Cursor<'f> {
+    file: &'f File,
+    file_len: usize,
+    /// The file's first `buf.len()` bytes.
+    buf: Vec<u8>,
     pos: usize,
 }
 
-impl<'a> Cursor<'a> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+impl<'f> Cursor<'f> {
+    /// The first read: most headers (a 50k-token vocabulary's is ~1.8 MB) fit one or two of these.
+    const FIRST_READ: usize = 1 << 20;
+
+    fn new(file: &'f File, file_len: usize) -> Cursor<'f> {
+        Cursor {
+            file,
+            file_len,
+            buf: Vec::new(),
+            pos: 0,
+        }
     }
 
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+    fn remaining(&self) -> usize {
+        self.file_len - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8]> {
         if n > self.remaining() {
             return Err(Error::Gguf(format!(
                 "file truncated while reading {what} at byte {} (needs {n} bytes, {} left)",
@@ -238,13 +281,89 @@ impl<'a> Cursor<'a> {
                 self.remaining()
             )));
         }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
+        let end = self.pos + n;
+        if end > self.buf.len() {
+            self.fill(end)?;
+        }
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
         Ok(s)
+    }
+
+    /// Reads at least up to byte `end` (at most the file's length), doubling what was read.
+    fn fill(&mut self, end: usize) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let want = end
+            .max(self.buf.len() * 2)
+            .max(Self::FIRST_READ)
+            .min(self.file_len);
+        let old = self.buf.len();
+        self.buf.resize(want, 0);
+        self.file
+            .read_exact_at(&mut self.buf[old..], old as u64)
+            .map_err(|e| Error::Gguf(format!("reading the header: {e}")))
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
         Ok(self.take(N, what)?.try_into().expect("length checked"))
+    }
+
+    /// Steps over a value as [`Cursor::value`] would read it, checking the same things, without
+    /// keeping it; returns its element count (1 for a scalar or string).
+    fn skip_value(&mut self, ty: u32, key: &str, depth: usize) -> Result<usize> {
+        use value_type as t;
+        match ty {
+            t::STRING => {
+                let what = format!("string length of {key:?}");
+                let n = self.count(1, &what)?;
+                if std::str::from_utf8(self.take(n, &what)?).is_err() {
+                    return Err(Error::Gguf(format!("{what} is not valid UTF-8")));
+                }
+                Ok(1)
+            }
+            t::ARRAY => {
+                let (elem, n) = self.array_header(key, depth)?;
+                match fixed_size(elem) {
+                    // Bools are checked one by one, as `value` does.
+                    Some(size) if elem != t::BOOL => {
+                        self.take(n * size, key)?;
+                    }
+                    _ => {
+                        for _ in 0..n {
+                            self.skip_value(elem, key, depth + 1)?;
+                        }
+                    }
+                }
+                Ok(n)
+            }
+            _ => {
+                self.value(ty, key, depth)?;
+                Ok(1)
+            }
+        }
+    }
+
+    /// An array's element type and length, checked against the nesting limit and the bytes left.
+    fn array_header(&mut self, key: &str, depth: usize) -> Result<(u32, usize)> {
+        if depth >= 8 {
+            return Err(Error::Gguf(format!(
+                "metadata {key:?}: arrays nested more than 8 deep"
+            )));
+        }
+        let elem = self.u32(key)?;
+        let min = match (elem, fixed_size(elem)) {
+            (_, Some(size)) => size,
+            // A string's length, or a nested array's element type and length.
+            (value_type::STRING, None) => 8,
+            (value_type::ARRAY, None) => 12,
+            (other, None) => {
+                return Err(Error::Gguf(format!(
+                    "metadata {key:?}: unknown array element type {other}"
+                )))
+            }
+        };
+        let n = self.count(min, &format!("array length of {key:?}"))?;
+        Ok((elem, n))
     }
 
     fn u8(&mut self, what: &str) -> Result<u8> {
@@ -305,25 +424,7 @@ impl<'a> Cursor<'a> {
             t::I64 => Value::I64(self.u64(key)? as i64),
             t::F64 => Value::F64(f64::from_bits(self.u64(key)?)),
             t::ARRAY => {
-                if depth >= 8 {
-                    return Err(Error::Gguf(format!(
-                        "metadata {key:?}: arrays nested more than 8 deep"
-                    )));
-                }
-                let elem = self.u32(key)?;
-                let min = match elem {
-                    t::U8 | t::I8 | t::BOOL => 1,
-                    t::U16 | t::I16 => 2,
-                    t::U32 | t::I32 | t::F32 => 4,
-                    t::U64 | t::I64 | t::F64 | t::STRING => 8,
-                    t::ARRAY => 12,
-                    other => {
-                        return Err(Error::Gguf(format!(
-                            "metadata {key:?}: unknown array element type {other}"
-                        )))
-                    }
-                };
-                let n = self.count(min, &format!("array length of {key:?}"))?;
+                let (elem, n) = self.array_header(key, depth)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(elem, key, depth + 1)?);
@@ -342,16 +443,57 @@ impl<'a> Cursor<'a> {
 impl Gguf {
     /// Opens and parses a GGUF file.
     pub fn open(path: impl AsRef<Path>) -> Result<Gguf> {
-        let path = path.as_ref();
+        Self::open_with(path.as_ref(), false)
+    }
+
+    /// Opens a GGUF file without keeping the tokenizer's arrays (`tokenizer.*` arrays: the
+    /// vocabulary, merges, token types, scores), which are still checked. [`Gguf::get`] does not
+    /// find them; [`Gguf::array_len`] gives their lengths and [`Gguf::with_complete`] a complete
+    /// parse. For loading a model, which needs them only to build its tokenizer.
+    pub fn open_lean(path: impl AsRef<Path>) -> Result<Gguf> {
+        Self::open_with(path.as_ref(), true)
+    }
+
+    fn open_with(path: &Path, lean: bool) -> Result<Gguf> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; pare never writes the files it reads while they are open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(path.to_path_buf(), mmap, file)
+        Self::parse(path.to_path_buf(), mmap, file, lean)
             .map_err(|e| Error::Gguf(format!("{}: {}", path.display(), strip_prefix(e))))
     }
 
-    fn parse(path: PathBuf, mmap: Mmap, file: File) -> Result<Gguf> {
-        let mut c = Cursor { buf: &mmap, pos: 0 };
+    /// Whether every metadata entry was kept (the file was not opened lean, or had nothing to
+    /// leave out).
+    pub fn is_complete(&self) -> bool {
+        self.left_out.is_empty()
+    }
+
+    /// Runs `f` on this file with all of its metadata: on `self` when it is complete, else on the
+    /// file parsed again (its header only; the new map's pages are not touched), dropped after.
+    pub fn with_complete<R>(&self, f: impl FnOnce(&Gguf) -> Result<R>) -> Result<R> {
+        if self.is_complete() {
+            return f(self);
+        }
+        let full = Gguf::open(&self.path)?;
+        if full.tensors.len() != self.tensors.len() || full.data_offset != self.data_offset {
+            return Err(Error::Gguf(format!(
+                "{}: the file changed while it was open",
+                self.path.display()
+            )));
+        }
+        f(&full)
+    }
+
+    /// The length of an array entry, also of one [`Gguf::open_lean`] left out.
+    pub fn array_len(&self, key: &str) -> Option<usize> {
+        match self.get(key) {
+            Some(v) => v.as_array().map(<[Value]>::len),
+            None => self.left_out.get(key).copied(),
+        }
+    }
+
+    fn parse(path: PathBuf, mmap: Mmap, file: File, lean: bool) -> Result<Gguf> {
+        let mut c = Cursor::new(&file, mmap.len());
         let magic = c.take(4, "magic")?;
         if magic != GGUF_MAGIC {
             return Err(Error::Gguf(format!(
@@ -381,13 +523,20 @@ impl Gguf {
 
         let mut metadata = Vec::with_capacity(n_kv);
         let mut meta_index = HashMap::with_capacity(n_kv);
+        let mut left_out = HashMap::new();
         for i in 0..n_kv {
             let key = c.string(&format!("key of metadata entry {i}"))?;
             let ty = c.u32(&key)?;
-            let value = c.value(ty, &key, 0)?;
-            if meta_index.insert(key.clone(), metadata.len()).is_some() {
+            if meta_index.contains_key(&key) || left_out.contains_key(&key) {
                 return Err(Error::Gguf(format!("duplicate metadata key {key:?}")));
             }
+            if lean && lean_skips(&key, ty) {
+                let n = c.skip_value(ty, &key, 0)?;
+                left_out.insert(key, n);
+                continue;
+            }
+            let value = c.value(ty, &key, 0)?;
+            meta_index.insert(key.clone(), metadata.len());
             metadata.push((key, value));
         }
 
@@ -454,6 +603,7 @@ impl Gguf {
 
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let file_len = mmap.len() as u64;
+        drop(c);
         for t in &tensors {
             let end = data_offset
                 .checked_add(t.offset)
@@ -477,6 +627,7 @@ impl Gguf {
             version,
             metadata,
             meta_index,
+            left_out,
             tensors,
             tensor_index,
             alignment,
@@ -492,8 +643,15 @@ impl Gguf {
 
     /// A required metadata value, or an error naming the missing key.
     pub fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key)
-            .ok_or_else(|| Error::Model(format!("metadata key {key:?} is missing")))
+        self.get(key).ok_or_else(|| {
+            if self.left_out.contains_key(key) {
+                Error::Model(format!(
+                    "metadata key {key:?} was left out (the file was opened lean; see Gguf::with_complete)"
+                ))
+            } else {
+                Error::Model(format!("metadata key {key:?} is missing"))
+            }
+        })
     }
 
     pub fn get_str(&self, key: &str) -> Option<&str> {

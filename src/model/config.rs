@@ -97,9 +97,7 @@ impl Config {
         let n_vocab = match g.get(&format!("{a}.vocab_size")) {
             Some(_) => dim("vocab_size")?,
             None => g
-                .get("tokenizer.ggml.tokens")
-                .and_then(|v| v.as_array())
-                .map(|t| t.len())
+                .array_len("tokenizer.ggml.tokens")
                 .or_else(|| g.tensor("token_embd.weight").map(|t| t.n_rows()))
                 .ok_or_else(|| Error::Model("cannot tell the vocabulary size".into()))?,
         };

@@ -29,7 +29,7 @@ impl Model {
     /// The metadata a GGUF file of this model carries, in writing order.
     pub fn gguf_metadata(&self) -> Result<Vec<(String, Value)>> {
         match &self.source {
-            ModelSource::Gguf(g) => Ok(g.metadata.clone()),
+            ModelSource::Gguf(g) => g.with_complete(|g| Ok(g.metadata.clone())),
             ModelSource::Hf(h) => {
                 let tok = self.tokenizer()?;
                 let name = h

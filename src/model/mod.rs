@@ -67,7 +67,8 @@ impl Model {
         if HfCheckpoint::is_checkpoint_dir(path) {
             return Self::from_hf(Arc::new(HfCheckpoint::open(path)?));
         }
-        let gguf = Arc::new(Gguf::open(path)?);
+        // Lean: the tokenizer's arrays are parsed again when a tokenizer is built, not kept.
+        let gguf = Arc::new(Gguf::open_lean(path)?);
         Self::from_gguf(gguf)
     }
 
@@ -109,7 +110,7 @@ impl Model {
     /// The model's tokenizer: from the GGUF's vocabulary or from `tokenizer.json`.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         match &self.source {
-            ModelSource::Gguf(g) => Tokenizer::from_gguf(g),
+            ModelSource::Gguf(g) => g.with_complete(Tokenizer::from_gguf),
             ModelSource::Hf(h) => Tokenizer::from_hf(h),
         }
     }
@@ -117,7 +118,7 @@ impl Model {
     /// The model's chat template, if it has one.
     pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
         match &self.source {
-            ModelSource::Gguf(g) => ChatTemplate::from_gguf(g),
+            ModelSource::Gguf(g) => g.with_complete(ChatTemplate::from_gguf),
             ModelSource::Hf(h) => ChatTemplate::from_hf(h),
         }
     }
