@@ -243,10 +243,16 @@ impl Lora {
 
     /// Adapters of the right shapes, all zero (also the container for gradients).
     pub fn zeros(c: &Config, config: LoraConfig) -> Lora {
+        Self::zeros_in(c, config, 0..c.n_layer)
+    }
+
+    /// [`Lora::zeros`] with adapters in `layers` only (the other layers' slots empty, as
+    /// [`Lora::keep_layers`] leaves them): a pipeline stage's share, never allocating the rest.
+    pub fn zeros_in(c: &Config, config: LoraConfig, layers: std::ops::Range<usize>) -> Lora {
         let layers = (0..c.n_layer)
-            .map(|_| {
+            .map(|l| {
                 Target::ALL.map(|t| {
-                    config.targets.contains(&t).then(|| {
+                    (layers.contains(&l) && config.targets.contains(&t)).then(|| {
                         let (r, k) = t.shape(c);
                         Adapter::zeros(r, k, config.rank)
                     })

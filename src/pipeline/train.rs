@@ -43,8 +43,7 @@ impl StageState {
     pub fn new(model: &Model, lora: &Lora, layers: Range<usize>, weight_decay: f32) -> StageState {
         let mut mine = lora.clone();
         mine.keep_layers(layers.clone());
-        let mut grads = Lora::zeros(&model.config, lora.config.clone());
-        grads.keep_layers(layers.clone());
+        let grads = Lora::zeros_in(&model.config, lora.config.clone(), layers.clone());
         let sizes: Vec<usize> = mine.params().map(|p| p.len()).collect();
         StageState {
             layers,

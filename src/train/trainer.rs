@@ -499,6 +499,12 @@ impl<'m> Trainer<'m> {
     /// Spreads the following steps over pipeline stages (`stages.layers`, contiguous from layer
     /// 0 to the last), each stage taking its share of the adapters and optimizer moments.
     pub fn set_stages(&mut self, stages: Stages) -> Result<()> {
+        self.split(stages, None)
+    }
+
+    /// [`Trainer::set_stages`], keeping only stage `only`'s share when given (an MPI rank's: the
+    /// other stages' adapters, gradients and moments are never allocated).
+    fn split(&mut self, stages: Stages, only: Option<usize>) -> Result<()> {
         let n_layer = self.model.config.n_layer;
         let contiguous = stages.layers.first().map(|r| r.start) == Some(0)
             && stages.layers.last().map(|r| r.end) == Some(n_layer)
@@ -512,21 +518,32 @@ impl<'m> Trainer<'m> {
             )));
         }
         let Snapshot { lora, t, m, v } = self.snapshot();
-        let mut parts: Vec<StageState> = stages
-            .layers
-            .iter()
-            .map(|r| StageState::new(self.model, &lora, r.clone(), self.opts.weight_decay))
-            .collect();
         let (mut m, mut v) = (m.into_iter(), v.into_iter());
-        for p in &mut parts {
+        let mut parts = Vec::new();
+        for (i, r) in stages.layers.iter().enumerate() {
+            // Moments come in `lora.params()` order: layer by layer, each adapter's A then B.
+            let n: usize = lora.layers[r.clone()]
+                .iter()
+                .map(|l| 2 * l.iter().flatten().count())
+                .sum();
+            if only.is_some_and(|s| s != i) {
+                m.by_ref().take(n).for_each(drop);
+                v.by_ref().take(n).for_each(drop);
+                continue;
+            }
+            let mut p = StageState::new(self.model, &lora, r.clone(), self.opts.weight_decay);
+            debug_assert_eq!(p.opt.m.len(), n);
             p.opt.t = t;
             for (pm, pv) in p.opt.m.iter_mut().zip(&mut p.opt.v) {
                 *pm = m.next().expect("one moment per parameter");
                 *pv = v.next().expect("one moment per parameter");
             }
+            parts.push(p);
         }
         self.parts = parts;
         self.stages = stages;
+        // The one-process state just dropped was many small buffers: hand their pages back.
+        crate::eval::bench::release_free_memory();
         Ok(())
     }
 
@@ -583,8 +600,7 @@ impl<'m> Trainer<'m> {
                 }
             )));
         }
-        self.set_stages(stages)?;
-        self.parts = vec![self.parts.swap_remove(t.stage())];
+        self.split(stages, Some(t.stage()))?;
         self.rank = Some(t);
         Ok(())
     }
