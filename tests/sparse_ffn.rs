@@ -377,3 +377,57 @@ fn kl_allocation_meets_the_level_and_costs_less_than_uniform() {
         );
     }
 }
+
+#[test]
+fn levels_are_benched_side_by_side_and_count_their_bytes() {
+    let f = fixture("q8_0");
+    let mut sparse = Model::load(&f.sparse).unwrap();
+    let rs =
+        pare::eval::bench::bench_levels(&mut sparse, &[0.0, 0.2, 0.6], 8, 2, |_, _| {}).unwrap();
+    assert_eq!(rs.len(), 3);
+    let dense = &rs[0];
+    assert_eq!(
+        (dense.achieved, dense.speedup, dense.predicted),
+        (0.0, 1.0, 1.0)
+    );
+    assert!(rs.iter().all(|r| r.tg_runs.len() == 2 && r.tg > 0.0));
+    // Each level skips about what it promises, and its bytes predict a larger speedup.
+    for (r, s) in rs[1..].iter().zip([0.2, 0.6]) {
+        assert!(
+            (r.achieved - s).abs() < 0.15,
+            "S {s}: achieved {}",
+            r.achieved
+        );
+        assert!(r.bytes_per_token < dense.bytes_per_token && r.predicted > 1.0);
+    }
+    assert!(rs[2].predicted > rs[1].predicted);
+    // The model is left at the first level.
+    assert_eq!(sparse.sparse.as_ref().unwrap().level(), None);
+
+    // The CLI: a table of the levels, and a clear error on a model that was not sparsified.
+    let pare = env!("CARGO_BIN_EXE_pare");
+    let run = |m: &std::path::Path| {
+        std::process::Command::new(pare)
+            .args([
+                "bench",
+                "-m",
+                m.to_str().unwrap(),
+                "-p",
+                "0",
+                "-n",
+                "4",
+                "-r",
+                "1",
+            ])
+            .args(["--levels", "0,0.4", "--json"])
+            .output()
+            .unwrap()
+    };
+    let o = run(&f.sparse);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["levels"].as_array().unwrap().len(), 2);
+    let o = run(&f.original);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pare sparsify"));
+}

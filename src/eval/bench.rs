@@ -80,6 +80,127 @@ pub fn bench(
     })
 }
 
+/// One sparsity level of [`bench_levels`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LevelResult {
+    /// The level S asked for (0: the dense path).
+    pub sparsity: f32,
+    /// Generation tokens/s of each repetition, and their median.
+    pub tg_runs: Vec<f64>,
+    pub tg: f64,
+    /// FFN weight bytes skipped, over every timed token (0 on the dense path).
+    pub achieved: f64,
+    /// Weight bytes a decoded token reads (every layer's matrices and the output head), at this
+    /// level.
+    pub bytes_per_token: f64,
+    /// Median over the repetitions of this level's tokens/s over the first level's in the same
+    /// repetition.
+    pub speedup: f64,
+    /// The speedup the bytes predict: the first level's bytes per token over this level's.
+    pub predicted: f64,
+}
+
+/// tg`tg_tokens` at each sparsity level of a sparsified `model`, `reps` times, the levels
+/// interleaved within each repetition (after one warm-up round), so that a shared machine's
+/// drift falls on every level alike and each level is compared with the first in the same
+/// repetition. Leaves the model at the first level.
+pub fn bench_levels(
+    model: &mut Model,
+    levels: &[f32],
+    tg_tokens: usize,
+    reps: usize,
+    mut on_run: impl FnMut(f32, f64),
+) -> Result<Vec<LevelResult>> {
+    if levels.is_empty() || tg_tokens == 0 {
+        return Err(crate::error::Error::Invalid(
+            "sparsity levels need at least one level and -n above 0".into(),
+        ));
+    }
+    let w = &model.weights;
+    let dense_bytes: u64 = w
+        .layers
+        .iter()
+        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+        .chain([&w.output])
+        .map(|m| m.n_bytes() as u64)
+        .sum();
+    let n_vocab = model.config.n_vocab;
+    let mut state = State::new(model, tg_tokens)?;
+    let mut runs = vec![Vec::new(); levels.len()];
+    let mut skipped = vec![(0u64, 0u64, 0u64); levels.len()];
+    for rep in 0..=reps {
+        let gen = tokens(tg_tokens, n_vocab, 1000 + rep as u64);
+        for (i, &s) in levels.iter().enumerate() {
+            model.set_sparsity(s)?;
+            if let Some(sp) = &model.sparse {
+                sp.reset_stats();
+            }
+            state.reset();
+            let t = Instant::now();
+            for &tok in &gen {
+                model.forward(&mut state, &[tok], Logits::Last)?;
+            }
+            let tps = tg_tokens as f64 / t.elapsed().as_secs_f64();
+            if rep == 0 {
+                continue;
+            }
+            runs[i].push(tps);
+            on_run(s, tps);
+            if let Some(st) = model
+                .sparse
+                .as_ref()
+                .filter(|_| s > 0.0)
+                .map(|sp| sp.stats())
+            {
+                let k = &mut skipped[i];
+                k.0 += st.bytes_dense - st.bytes_read;
+                k.1 += st.bytes_dense;
+                k.2 += st.token_layers;
+            }
+        }
+    }
+    model.set_sparsity(levels[0])?;
+    let n_layer = model.config.n_layer as f64;
+    let results: Vec<(f32, Vec<f64>, f64, f64)> = levels
+        .iter()
+        .zip(runs)
+        .zip(&skipped)
+        .map(|((&s, r), &(skip, dense, token_layers))| {
+            let per_token = if token_layers > 0 {
+                skip as f64 / (token_layers as f64 / n_layer)
+            } else {
+                0.0
+            };
+            let achieved = if dense > 0 {
+                skip as f64 / dense as f64
+            } else {
+                0.0
+            };
+            (s, r, achieved, dense_bytes as f64 - per_token)
+        })
+        .collect();
+    let (first_runs, first_bytes) = (results[0].1.clone(), results[0].3);
+    Ok(results
+        .into_iter()
+        .map(|(sparsity, tg_runs, achieved, bytes_per_token)| {
+            let ratios: Vec<f64> = tg_runs
+                .iter()
+                .zip(&first_runs)
+                .map(|(a, b)| a / b)
+                .collect();
+            LevelResult {
+                sparsity,
+                tg: median(&tg_runs),
+                speedup: median(&ratios),
+                tg_runs,
+                achieved,
+                bytes_per_token,
+                predicted: first_bytes / bytes_per_token,
+            }
+        })
+        .collect())
+}
+
 /// The median (0 for no runs, so a skipped test reads as 0 tok/s in JSON rather than null).
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {

@@ -264,7 +264,7 @@ impl SparseFfn {
             for (x, o) in xn.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
                 // The dense path's 8-bit activations, restricted to the active inputs.
                 b.q8.quantize(x, 1, d);
-                b.act.build(&b.q8.row(0), d, |j| x[j].abs() > t_in);
+                b.act.build_thresholded(&b.q8.row(0), d, x, t_in, None);
                 let mut read =
                     bytes_read(&layer.gate.layout, &b.act) + bytes_read(&layer.up.layout, &b.act);
                 b.y.clear();
@@ -276,9 +276,8 @@ impl SparseFfn {
                 );
                 ops::swiglu(gate, up);
                 b.q8.quantize(gate, 1, ff);
-                let hot = &layer.hot;
                 b.act
-                    .build(&b.q8.row(0), ff, |k| hot[k] | (gate[k].abs() > t_neu));
+                    .build_thresholded(&b.q8.row(0), ff, gate, t_neu, Some(&layer.hot));
                 read += bytes_read(&layer.down.layout, &b.act);
                 products(&mut [(&layer.down, o)], &b.act);
                 self.token_layers.fetch_add(1, Relaxed);

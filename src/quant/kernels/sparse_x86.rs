@@ -63,11 +63,24 @@ unsafe fn codes<const BITS: u32, const SYM: bool>(p: *const u8) -> __m256i {
 fn with_offsets<R>(l: &Layout, act: &Active, f: impl FnOnce(&[[usize; 4]]) -> R) -> R {
     OFFSETS.with_borrow_mut(|offs| {
         offs.clear();
-        offs.extend(
-            act.quads
-                .iter()
-                .map(|q| q.inputs.map(|j| l.code_offset(j as usize))),
+        // `Layout::code_offset` with shifts: pq groups are powers of two (a division per input
+        // and tile range was a visible part of the sparse path's time).
+        let g = l.group();
+        debug_assert!(g.is_power_of_two());
+        let (shift, (gb, sb, cb)) = (
+            g.trailing_zeros(),
+            (l.group_bytes(), l.scale_bytes(), l.code_row_bytes()),
         );
+        offs.extend(act.quads.iter().map(|q| {
+            q.inputs.map(|j| {
+                let j = j as usize;
+                (j >> shift) * gb + sb + (j & (g - 1)) * cb
+            })
+        }));
+        debug_assert!(offs
+            .iter()
+            .zip(&act.quads)
+            .all(|(o, q)| (0..4).all(|k| o[k] == l.code_offset(q.inputs[k] as usize))));
         f(offs)
     })
 }
