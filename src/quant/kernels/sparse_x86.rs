@@ -87,8 +87,11 @@ fn with_offsets<R>(l: &Layout, act: &Active, f: impl FnOnce(&[[usize; 4]]) -> R)
 
 /// Quads ahead whose codes a tile fetches while it computes the current one: the active inputs
 /// jump through the matrix, which the hardware prefetcher does not follow (the dense kernels'
-/// prefetch made dense decode ~1.8x cheaper and left the sparse path slower than dense).
-const AHEAD: usize = 4;
+/// prefetch made dense decode ~1.8x cheaper and left the sparse path slower than dense). Twelve
+/// quads (~200 cycles of work) cover a miss to L3 or memory: S = 0.5 against dense at 1 thread
+/// (`pare bench --levels 0,0.5`, alternating binaries) was 3-7% faster with 12 than with 4 in
+/// each of five pairs, and 24 was no better than 12.
+const AHEAD: usize = 12;
 
 /// Hints the cache to fetch the codes of quad `k + AHEAD` of this tile (nothing past the last).
 #[inline(always)]
