@@ -235,3 +235,22 @@ pub fn release_free_memory() {
         }
     }
 }
+
+/// Serves every buffer of 256 KiB or more from a mapping of its own, handed back to the system
+/// when freed (glibc's `M_MMAP_THRESHOLD`, fixed; nothing elsewhere). Left to itself glibc raises
+/// that threshold to the largest buffer freed (up to 32 MiB) and then serves such buffers from
+/// the heap, whose freed middle stays resident. For a process whose resident memory should
+/// follow what it holds: an MPI rank training its stage (measured 2.5–3.5 MiB lower per rank).
+pub fn map_large_buffers_apart() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        // SAFETY: mallopt takes no pointers; it only changes how later allocations are served.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 256 << 10);
+        }
+    }
+}

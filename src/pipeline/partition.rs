@@ -464,7 +464,11 @@ fn stage(
     if let Some(t) = &shape.training {
         let live = t.live(index, n_stages);
         let l = layers.len();
-        let stash = t.checkpoint.stash_bytes(l, t.tape_bytes, t.x_bytes) as u64;
+        // A stage holding several micro-batches does not keep their last segments' tapes
+        // (`pipeline::train::stage_step`).
+        let stash = t
+            .checkpoint
+            .stash_bytes_keeping(l, t.tape_bytes, t.x_bytes, live <= 1) as u64;
         let recompute = t.checkpoint.recompute_bytes(l, t.tape_bytes, t.x_bytes) as u64;
         let state_bytes: u64 = t.layer_state_bytes[layers.clone()].iter().sum();
         // While a backward re-runs a segment, the other live micro-batches stay stashed.
@@ -477,7 +481,8 @@ fn stage(
                 + t.work_bytes
                 + if last { t.head_bytes } else { 0 }
                 + t.runtime_bytes,
-            cost: stage_times(costs, t, layers.clone(), first, last).map_or(cost, |(f, b)| f + b),
+            cost: stage_times(costs, t, layers.clone(), index, n_stages)
+                .map_or(cost, |(f, b)| f + b),
             layers,
             weight_bytes,
             activation_bytes,
@@ -518,18 +523,24 @@ fn stage_times(
     costs: &Costs,
     t: &TrainShape,
     layers: Range<usize>,
-    first: bool,
-    last: bool,
+    index: usize,
+    n_stages: usize,
 ) -> Option<(f64, f64)> {
+    let (first, last) = (index == 0, index + 1 == n_stages);
     let back = costs.backward.as_ref()?;
     let f = forward_cost(costs, layers.clone(), first, last);
     let mut b: f64 = back.layer[layers.clone()].iter().sum();
     if t.checkpoint != Checkpoint::None {
-        let kept = t
-            .checkpoint
-            .segments(layers.len())
-            .last()
-            .map_or(0, |s| s.len());
+        // The last segment's tapes are kept only by a stage that holds one micro-batch at a
+        // time (`pipeline::train::stage_step`); the others re-run it too.
+        let kept = match t.live(index, n_stages) {
+            0 | 1 => t
+                .checkpoint
+                .segments(layers.len())
+                .last()
+                .map_or(0, |s| s.len()),
+            _ => 0,
+        };
         b += costs.layer_cost[layers.start..layers.end - kept]
             .iter()
             .sum::<f64>();
@@ -557,7 +568,7 @@ pub fn simulate_step(
     let (f, b): (Vec<f64>, Vec<f64>) = ranges
         .iter()
         .enumerate()
-        .map(|(i, r)| stage_times(costs, t, r.clone(), i == 0, i + 1 == n))
+        .map(|(i, r)| stage_times(costs, t, r.clone(), i, n))
         .collect::<Option<Vec<_>>>()?
         .into_iter()
         .unzip();
@@ -1037,12 +1048,22 @@ mod tests {
             }
             assert!(p.simulated.is_some() && p.describe().contains("stashed"));
         }
-        // Checkpointing every layer: one layer's input per layer and the last layer's tape stay
-        // stashed; a backward re-makes one layer's tape (and re-runs all but the last forward).
+        // Checkpointing every layer: one layer's input per layer stays stashed, and with one
+        // micro-batch held at a time also the last layer's tape; a backward re-makes one layer's
+        // tape at a time (and re-runs all but the last forward, or all with several held).
         let (c, mut sh) = training(6, 2.0, Schedule::GPipe, 2);
         sh.training.as_mut().unwrap().checkpoint = Checkpoint::Every(1);
         let p = plan_for(&c, &sh, &[0..3, 3..6]).unwrap();
-        assert_eq!(p.stages[0].stashed_bytes, 2 * (3 * 24 + 1000));
+        assert_eq!(p.stages[0].stashed_bytes, 2 * 3 * 24);
+        let with_io = |st: &StagePlan| st.weight_bytes + st.state_bytes + 2 * 24 + 300 + 7;
+        assert_eq!(
+            p.stages[0].peak_bytes,
+            with_io(&p.stages[0]) + 2 * 3 * 24 + 1000
+        );
+        let (c, mut sh) = training(6, 2.0, Schedule::GPipe, 1);
+        sh.training.as_mut().unwrap().checkpoint = Checkpoint::Every(1);
+        let p = plan_for(&c, &sh, &[0..3, 3..6]).unwrap();
+        assert_eq!(p.stages[0].stashed_bytes, 3 * 24 + 1000);
         assert_eq!(p.stages[0].cost, 3.0 + 3.0 + 2.0);
     }
 

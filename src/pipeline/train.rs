@@ -152,7 +152,15 @@ pub fn stage_step(
                     x = tr.embed(&mb.tokens[..mb.tokens.len() - 1])?;
                 }
                 let len = x.len() / d;
-                let stash = Stash::forward(&tr, part.layers.clone(), job.checkpoint, &mut x)?;
+                // With more than one micro-batch held, the last segment's tapes are re-made in
+                // its backward rather than kept for each.
+                let stash = Stash::forward_keeping(
+                    &tr,
+                    part.layers.clone(),
+                    job.checkpoint,
+                    &mut x,
+                    bound <= 1,
+                )?;
                 held += stash.bytes;
                 let dy = match &targets {
                     Some((targets, weight)) => {

@@ -80,9 +80,16 @@ impl Checkpoint {
     /// backward, with `tape` bytes of tape per layer and `x` bytes of hidden states: every tape
     /// without checkpointing, else every segment's input and the last segment's tapes.
     pub fn stash_bytes(self, n_layer: usize, tape: usize, x: usize) -> usize {
+        self.stash_bytes_keeping(n_layer, tape, x, true)
+    }
+
+    /// [`Checkpoint::stash_bytes`], keeping the last segment's tapes or not (see
+    /// [`Stash::forward_keeping`]).
+    pub fn stash_bytes_keeping(self, n_layer: usize, tape: usize, x: usize, last: bool) -> usize {
         let segs = self.segments(n_layer);
         match self {
             Checkpoint::None => n_layer * tape,
+            _ if !last => segs.len() * x,
             _ => segs.len() * x + segs.last().map_or(0, |s| s.len()) * tape,
         }
     }
@@ -132,6 +139,20 @@ impl Stash {
         mode: Checkpoint,
         x: &mut [f32],
     ) -> Result<Stash> {
+        Self::forward_keeping(t, layers, mode, x, true)
+    }
+
+    /// [`Stash::forward`]; with `keep_last` false a checkpointing stash keeps the last segment's
+    /// input instead of its tapes, and the backward re-runs it like the others. For a pipeline
+    /// stage that holds several micro-batches at once: each would keep a segment's tapes that
+    /// its backward needs only briefly, where re-running costs one set of tapes at a time.
+    pub fn forward_keeping(
+        t: &Trainable,
+        layers: Range<usize>,
+        mode: Checkpoint,
+        x: &mut [f32],
+        keep_last: bool,
+    ) -> Result<Stash> {
         let segs: Vec<Range<usize>> = mode
             .segments(layers.len())
             .into_iter()
@@ -145,7 +166,7 @@ impl Stash {
             mode,
         };
         for (i, seg) in st.segs.iter().enumerate() {
-            let keep = i + 1 == st.segs.len() || mode == Checkpoint::None;
+            let keep = (keep_last && i + 1 == st.segs.len()) || mode == Checkpoint::None;
             if mode != Checkpoint::None {
                 st.inputs.push(x.to_vec());
                 st.bytes += 4 * x.len();
@@ -172,9 +193,11 @@ impl Stash {
         let n = self.segs.len();
         for (i, seg) in self.segs.iter().enumerate().rev() {
             let tapes = match self.tapes.pop() {
-                Some(tp) if self.mode == Checkpoint::None || i + 1 == n => tp,
-                other => {
-                    debug_assert!(other.is_none());
+                Some(tp) => {
+                    debug_assert!(self.mode == Checkpoint::None || i + 1 == n);
+                    tp
+                }
+                None => {
                     let start = std::time::Instant::now();
                     let mut xs = self.inputs[i].clone();
                     out.recomputed_layers += seg.len();

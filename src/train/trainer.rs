@@ -600,6 +600,7 @@ impl<'m> Trainer<'m> {
                 }
             )));
         }
+        crate::eval::bench::map_large_buffers_apart();
         self.split(stages, Some(t.stage()))?;
         self.rank = Some(t);
         Ok(())
