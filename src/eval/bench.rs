@@ -120,7 +120,7 @@ pub fn bench_levels(
     let dense_bytes: u64 = w
         .layers
         .iter()
-        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+        .flat_map(crate::model::LayerWeights::matrices)
         .chain([&w.output])
         .map(|m| m.n_bytes() as u64)
         .sum();

@@ -30,6 +30,15 @@ pub struct LayerWeights {
     pub down: QMatrix,
 }
 
+impl LayerWeights {
+    /// The block's seven matrices: attention q, k, v, o, then the FFN's gate, up, down.
+    pub fn matrices(&self) -> [&QMatrix; 7] {
+        [
+            &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down,
+        ]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Weights {
     /// Token embeddings, one row per token (n_vocab × n_embd).
@@ -117,7 +126,7 @@ impl Weights {
     pub fn matrices(&self) -> impl Iterator<Item = &QMatrix> {
         self.layers
             .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .flat_map(LayerWeights::matrices)
             .chain([&self.token_embd])
     }
 }

@@ -56,12 +56,7 @@ impl Costs {
         let layer_cost = w
             .layers
             .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                    .map(macs)
-                    .iter()
-                    .sum()
-            })
+            .map(|l| l.matrices().map(macs).iter().sum())
             .collect();
         Costs {
             layer_bytes: layer_bytes(model),
@@ -217,10 +212,7 @@ fn layer_bytes(model: &Model) -> Vec<u64> {
         .layers
         .iter()
         .map(|l| {
-            let m: usize = [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                .iter()
-                .map(|m| m.n_bytes())
-                .sum();
+            let m: usize = l.matrices().iter().map(|m| m.n_bytes()).sum();
             let norms = l.attn_norm.len()
                 + l.ffn_norm.len()
                 + l.q_norm.as_ref().map_or(0, Vec::len)

@@ -135,7 +135,7 @@ pub fn work_bytes(model: &Model, opts: &TrainOptions) -> usize {
         .weights
         .layers
         .iter()
-        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+        .flat_map(crate::model::LayerWeights::matrices)
         .map(|m| m.rows * m.cols)
         .max()
         .unwrap_or(0);
