@@ -72,56 +72,14 @@ impl Active {
     /// The inputs `j < n_in` for which `keep(j)` holds and whose 8-bit activation is not 0 (a zero
     /// contributes nothing, so it is skipped whatever `keep` says), reusing buffers.
     pub fn build(&mut self, x: &Q8Row, n_in: usize, keep: impl Fn(usize) -> bool) {
-        assert!(x.qs.len() >= n_in && x.d.len() >= n_in.div_ceil(QK8));
-        self.n_in = n_in;
-        self.blocks.clear();
-        self.quads.clear();
-        self.n_active = 0;
-        for b in 0..n_in.div_ceil(QK8) {
-            let start = self.quads.len() as u32;
-            let (mut isum, mut k) = (0i32, 0usize);
-            let mut quad = Quad {
-                inputs: [0; 4],
-                q: 0,
-            };
-            for j in b * QK8..((b + 1) * QK8).min(n_in) {
-                let q = x.qs[j];
-                if q == 0 || !keep(j) {
-                    continue;
-                }
-                isum += q as i32;
-                quad.inputs[k] = j as u32;
-                quad.q |= (q as u8 as i32) << (8 * k);
-                k += 1;
-                if k == 4 {
-                    self.quads.push(quad);
-                    quad.q = 0;
-                    k = 0;
-                }
-                self.n_active += 1;
-            }
-            if k > 0 {
-                for t in k..4 {
-                    quad.inputs[t] = quad.inputs[k - 1];
-                }
-                self.quads.push(quad);
-            }
-            let end = self.quads.len() as u32;
-            if end > start {
-                self.blocks.push(Block {
-                    index: b as u32,
-                    d: x.d[b],
-                    qsum: x.d[b] * isum as f32,
-                    quads: start..end,
-                });
-            }
-        }
+        self.build_by_mask(x, n_in, |lo, hi| {
+            (lo..hi).fold(0, |m, j| m | (u32::from(keep(j)) << (j - lo)))
+        });
     }
 
     /// [`Active::build`] with `keep(j) = hot[j] || |v[j]| > t` (`hot` absent: no input is hot),
-    /// as the sparse FFN chooses its inputs: each block's active inputs are found as a bit mask
-    /// and visited by their set bits, with no branch per input (the per-input branch of `build`
-    /// is taken about half the time at the useful levels, and mispredicted as often).
+    /// as the sparse FFN chooses its inputs, without a branch per input (the per-input test is
+    /// taken about half the time at the useful levels, and mispredicted as often).
     pub fn build_thresholded(
         &mut self,
         x: &Q8Row,
@@ -130,24 +88,38 @@ impl Active {
         t: f32,
         hot: Option<&[bool]>,
     ) {
-        assert!(x.qs.len() >= n_in && x.d.len() >= n_in.div_ceil(QK8) && v.len() >= n_in);
-        assert!(hot.is_none_or(|h| h.len() >= n_in));
+        assert!(v.len() >= n_in && hot.is_none_or(|h| h.len() >= n_in));
+        self.build_by_mask(x, n_in, |lo, hi| {
+            let mut mask = 0u32;
+            for (i, &x) in v[lo..hi].iter().enumerate() {
+                mask |= u32::from(x.abs() > t) << i;
+            }
+            if let Some(h) = hot {
+                for (i, &h) in h[lo..hi].iter().enumerate() {
+                    mask |= u32::from(h) << i;
+                }
+            }
+            mask
+        });
+    }
+
+    /// The active inputs, with `keep(lo, hi)` giving the inputs `lo..hi` (one block) to keep as
+    /// a bit mask (bit `j - lo`); inputs whose 8-bit activation is 0 are dropped from it. Each
+    /// block's kept inputs are visited by their set bits.
+    fn build_by_mask(&mut self, x: &Q8Row, n_in: usize, keep: impl Fn(usize, usize) -> u32) {
+        assert!(x.qs.len() >= n_in && x.d.len() >= n_in.div_ceil(QK8));
         self.n_in = n_in;
         self.blocks.clear();
         self.quads.clear();
         self.n_active = 0;
         for b in 0..n_in.div_ceil(QK8) {
             let (lo, hi) = (b * QK8, ((b + 1) * QK8).min(n_in));
-            let (qs, vs) = (&x.qs[lo..hi], &v[lo..hi]);
-            let mut mask = 0u32;
-            for (i, (&q, &x)) in qs.iter().zip(vs).enumerate() {
-                mask |= (((q != 0) & (x.abs() > t)) as u32) << i;
+            let qs = &x.qs[lo..hi];
+            let mut nonzero = 0u32;
+            for (i, &q) in qs.iter().enumerate() {
+                nonzero |= u32::from(q != 0) << i;
             }
-            if let Some(h) = hot {
-                for (i, (&q, &h)) in qs.iter().zip(&h[lo..hi]).enumerate() {
-                    mask |= (((q != 0) & h) as u32) << i;
-                }
-            }
+            let mut mask = keep(lo, hi) & nonzero;
             if mask == 0 {
                 continue;
             }
