@@ -321,11 +321,10 @@ fn tuning_over_two_ranks_equals_one_worker() {
             .map(|r| (r["loss"].as_f64().unwrap(), r["val_loss"].as_f64().unwrap()))
             .collect()
     };
-    let want_history = history(&one);
-    assert_eq!(want_history.len(), 3);
-    let same_history = |what: &str, got: Vec<(f64, f64)>| {
-        assert_eq!(got.len(), want_history.len(), "{what}");
-        for (step, (g, w)) in got.iter().zip(&want_history).enumerate() {
+    // Every step's training and validation loss within 1e-4 of `want`'s.
+    let close = |what: &str, got: &[(f64, f64)], want: &[(f64, f64)]| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (step, (g, w)) in got.iter().zip(want).enumerate() {
             assert!(
                 (g.0 - w.0).abs() <= 1e-4 * w.0.abs(),
                 "{what} step {step}: loss {g:?} vs {w:?}"
@@ -336,11 +335,12 @@ fn tuning_over_two_ranks_equals_one_worker() {
             );
         }
     };
-    let config = pare::model::Model::load(&base).unwrap().config;
-    let want = pare::model::Lora::load(&one, &config).unwrap();
-    for schedule in ["gpipe", "1f1b"] {
-        let out = dir.path().join(schedule);
-        let staged = [
+    let want_history = history(&one);
+    assert_eq!(want_history.len(), 3);
+    let same_history = |what: &str, got: Vec<(f64, f64)>| close(what, &got, &want_history);
+    // Two stages of layers 0-1 and 2-3, two micro-batches.
+    let staged = |schedule| {
+        [
             "--stages",
             "2",
             "--micro-batches",
@@ -349,7 +349,13 @@ fn tuning_over_two_ranks_equals_one_worker() {
             "0-1,2-3",
             "--schedule",
             schedule,
-        ];
+        ]
+    };
+    let config = pare::model::Model::load(&base).unwrap().config;
+    let want = pare::model::Lora::load(&one, &config).unwrap();
+    for schedule in ["gpipe", "1f1b"] {
+        let out = dir.path().join(schedule);
+        let staged = staged(schedule);
         let args = tune(&out, &staged);
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let o = mpirun(2, &[], &args);
@@ -392,17 +398,7 @@ fn tuning_over_two_ranks_equals_one_worker() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = dir.path().join("1f1b");
-    let staged = [
-        "--stages",
-        "2",
-        "--micro-batches",
-        "2",
-        "--stage-layers",
-        "0-1,2-3",
-        "--schedule",
-        "1f1b",
-    ];
-    let args = resumed(&out, &staged);
+    let args = resumed(&out, &staged("1f1b"));
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let o = mpirun(2, &[], &args);
     assert!(
@@ -412,14 +408,5 @@ fn tuning_over_two_ranks_equals_one_worker() {
     );
     let (want, got) = (history(&one), history(&out));
     assert_eq!((want.len(), got.len()), (4, 4));
-    for (g, w) in got.iter().zip(&want) {
-        assert!(
-            (g.0 - w.0).abs() <= 1e-4 * w.0.abs(),
-            "resumed: loss {g:?} vs {w:?}"
-        );
-        assert!(
-            (g.1 - w.1).abs() <= 1e-4 * w.1.abs(),
-            "resumed: validation {g:?} vs {w:?}"
-        );
-    }
+    close("resumed", &got, &want);
 }
