@@ -6,6 +6,11 @@
 //! - `matvec_t2/FORMAT/ROWSxCOLS`: 1 token, 2 threads, through `matmul` as the forward pass calls it;
 //! - `matvec_t1/FORMAT/ROWSxCOLS`: 1 token, the kernel alone on the calling thread;
 //! - `matmul64_t2/FORMAT/ROWSxCOLS`: 64 tokens (prompt processing), 2 threads;
+//! - `sparse_t1/FORMAT/ROWSxCOLS/{warm,cold}-{100,50,25}`: the sparse FFN's product on a
+//!   transposed-group copy with that percentage of the inputs active, beside `dense` (the
+//!   row-major kernel on the same weights, all inputs), 1 thread; `warm` repeats one matrix
+//!   (in cache), `cold` cycles through 128 copies (~70 MiB, from memory as in decoding).
+//!   Throughput counts the bytes each reads;
 //! - `read_bandwidth/256MiB_t2`.
 //!
 //! `cargo bench --bench kernels -- matvec_t2/q4_g32/` runs a subset (criterion filters by name).
@@ -214,5 +219,71 @@ fn read_bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, read_bandwidth, kernels_bench);
+/// The sparse FFN's product against the dense kernel on FFN shapes (see the module docs).
+fn sparse_bench(c: &mut Criterion) {
+    use pare::quant::kernels::sparse::{bytes_read, product, Active};
+    use pare::quant::transposed::{Layout, TgMatrix};
+    let isa = kernels::isa();
+    for ty in [GgmlType::Q4_1, GgmlType::Pq(Pq::new(3, 64, false).unwrap())] {
+        let p = Pq::of_ggml(ty).unwrap();
+        for (rows, cols) in [(1536, 576), (576, 1536)] {
+            let shape = format!("{rows}x{cols}");
+            let rb = ty.row_bytes(cols).unwrap();
+            let w = weights(ty, rows, cols);
+            let layout = Layout::new(p, rows, cols).unwrap();
+            let tg = layout.from_rows(&w).unwrap();
+            for (temp, copies) in [("warm", 1usize), ("cold", 128)] {
+                let dense: Vec<Vec<u8>> = (0..copies).map(|_| w.clone()).collect();
+                let tgs: Vec<TgMatrix> = (0..copies)
+                    .map(|_| TgMatrix::new("w", layout, WeightBytes::from_vec(tg.clone())).unwrap())
+                    .collect();
+                let (x, q8) = activations(1, cols);
+                let xs = [q8.row(0)];
+                let mut out = vec![0.0f32; rows];
+                let mut g = c.benchmark_group("sparse_t1");
+                short(&mut g).throughput(Throughput::Bytes(w.len() as u64));
+                let mut k = 0;
+                g.bench_function(
+                    BenchmarkId::new(ty.name(), format!("{shape}/{temp}-dense")),
+                    |b| {
+                        b.iter(|| {
+                            k = (k + 1) % copies;
+                            // SAFETY: `out` has `rows` elements, written once each.
+                            unsafe {
+                                kernels::gemm_tile(
+                                    isa,
+                                    ty,
+                                    black_box(&dense[k]),
+                                    rb,
+                                    &xs,
+                                    out.as_mut_ptr(),
+                                    rows,
+                                )
+                            }
+                        })
+                    },
+                );
+                for pct in [100usize, 50, 25] {
+                    let mut act = Active::default();
+                    // Every (100 / pct)-th input by a hash, so the active ones are spread.
+                    act.build(&q8.row(0), cols, |j| (j * 2654435761) % 100 < pct);
+                    g.throughput(Throughput::Bytes(bytes_read(&layout, &act) as u64));
+                    g.bench_function(
+                        BenchmarkId::new(ty.name(), format!("{shape}/{temp}-{pct}")),
+                        |b| {
+                            b.iter(|| {
+                                k = (k + 1) % copies;
+                                product(isa, &tgs[k], black_box(&act), 0..rows, &mut out)
+                            })
+                        },
+                    );
+                }
+                g.finish();
+                black_box(&x);
+            }
+        }
+    }
+}
+
+criterion_group!(benches, read_bandwidth, kernels_bench, sparse_bench);
 criterion_main!(benches);

@@ -176,3 +176,55 @@ fn every_format_at_the_models_shapes() {
         check(p, 65, 33, 17, 1, 2);
     }
 }
+
+/// The integer sums at their largest: every code at its maximum (but one per group, so the
+/// scale is not 0) and every 8-bit activation at ±127, all inputs active, so the 16-bit sums of
+/// the paths that keep them (codes of up to 4 bits) meet their bound.
+#[test]
+fn largest_sums_stay_exact() {
+    let (n_out, n_in) = (64, 96);
+    for p in Pq::all() {
+        let rb = p.row_bytes(n_in);
+        let mut rows = vec![0u8; n_out * rb];
+        let opts = Options {
+            method: Method::Rtn,
+            importance: None,
+        };
+        for (r, o) in rows.chunks_exact_mut(rb).enumerate() {
+            let x: Vec<f32> = (0..n_in)
+                .map(|j| if j % 32 == r % 32 { -1.0 } else { 1.0 })
+                .collect();
+            quantize_row(GgmlType::Pq(p), &x, &opts, o).unwrap();
+        }
+        let layout = Layout::new(p, n_out, n_in).unwrap();
+        let w = TgMatrix::new(
+            "test",
+            layout,
+            WeightBytes::from_vec(layout.from_rows(&rows).unwrap()),
+        )
+        .unwrap();
+        for sign in [1.0f32, -1.0] {
+            let x = vec![sign; n_in];
+            let mut q8 = Q8Acts::default();
+            q8.quantize(&x, 1, n_in);
+            let mut act = Active::default();
+            act.build(&q8.row(0), n_in, |_| true);
+            assert_eq!(act.n_active, n_in);
+            let mut want = vec![0f32; n_out];
+            product_reference(&w, &act, 0..n_out, &mut want);
+            for isa in Isa::supported() {
+                let mut got = vec![f32::NAN; n_out];
+                product(isa, &w, &act, 0..n_out, &mut got);
+                for o in 0..n_out {
+                    assert!(
+                        (got[o] - want[o]).abs() <= 1e-5 * want[o].abs().max(1.0),
+                        "{} {p} sign {sign} at {o}: {} vs {}",
+                        isa.name(),
+                        got[o],
+                        want[o]
+                    );
+                }
+            }
+        }
+    }
+}
