@@ -30,6 +30,28 @@ fn lcg(seed: u64) -> impl FnMut() -> f32 {
 /// row of a constant (a zero scale with a minimum).
 fn matrix(p: Pq, n_out: usize, n_in: usize, seed: u64) -> TgMatrix {
     let mut next = lcg(seed);
+    let mut r_last = usize::MAX;
+    let mut mag = 1.0;
+    from_values(p, n_out, n_in, |r, _| {
+        if r != r_last {
+            (r_last, mag) = (r, [1.0, 0.01, 30.0][r % 3]);
+        }
+        match r {
+            0 => 0.0,
+            1 => 0.75,
+            _ => next() * mag,
+        }
+    })
+}
+
+/// The transposed-group copy of row-major weights `value(row, column)` quantized to `p` (round
+/// to nearest), as `pare sparsify` makes it.
+fn from_values(
+    p: Pq,
+    n_out: usize,
+    n_in: usize,
+    mut value: impl FnMut(usize, usize) -> f32,
+) -> TgMatrix {
     let rb = p.row_bytes(n_in);
     let mut rows = vec![0u8; n_out * rb];
     let opts = Options {
@@ -37,14 +59,7 @@ fn matrix(p: Pq, n_out: usize, n_in: usize, seed: u64) -> TgMatrix {
         importance: None,
     };
     for (r, o) in rows.chunks_exact_mut(rb).enumerate() {
-        let mag = [1.0, 0.01, 30.0][r % 3];
-        let x: Vec<f32> = (0..n_in)
-            .map(|_| match r {
-                0 => 0.0,
-                1 => 0.75,
-                _ => next() * mag,
-            })
-            .collect();
+        let x: Vec<f32> = (0..n_in).map(|j| value(r, j)).collect();
         quantize_row(GgmlType::Pq(p), &x, &opts, o).unwrap();
     }
     let layout = Layout::new(p, n_out, n_in).unwrap();
@@ -184,25 +199,12 @@ fn every_format_at_the_models_shapes() {
 fn largest_sums_stay_exact() {
     let (n_out, n_in) = (64, 96);
     for p in Pq::all() {
-        let rb = p.row_bytes(n_in);
-        let mut rows = vec![0u8; n_out * rb];
-        let opts = Options {
-            method: Method::Rtn,
-            importance: None,
-        };
-        for (r, o) in rows.chunks_exact_mut(rb).enumerate() {
-            let x: Vec<f32> = (0..n_in)
-                .map(|j| if j % 32 == r % 32 { -1.0 } else { 1.0 })
-                .collect();
-            quantize_row(GgmlType::Pq(p), &x, &opts, o).unwrap();
-        }
-        let layout = Layout::new(p, n_out, n_in).unwrap();
-        let w = TgMatrix::new(
-            "test",
-            layout,
-            WeightBytes::from_vec(layout.from_rows(&rows).unwrap()),
-        )
-        .unwrap();
+        let w = from_values(
+            p,
+            n_out,
+            n_in,
+            |r, j| if j % 32 == r % 32 { -1.0 } else { 1.0 },
+        );
         for sign in [1.0f32, -1.0] {
             let x = vec![sign; n_in];
             let mut q8 = Q8Acts::default();

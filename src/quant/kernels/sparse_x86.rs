@@ -586,10 +586,10 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                 }
                 for t in 0..tiles {
                     let (gp, yp) = (gs.add(t * CHUNK), ys.add(t * CHUNK));
-                    let gacc: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(gp.add(8 * i)));
+                    let gacc = in_order(std::array::from_fn(|i| _mm256_loadu_ps(gp.add(8 * i))));
                     let mut yv: [__m256; 4] =
                         std::array::from_fn(|i| _mm256_loadu_ps(yp.add(8 * i)));
-                    flush_pairs::<SYM>(
+                    flush256::<SYM>(
                         l,
                         tg.as_ptr(),
                         gi,
@@ -609,22 +609,13 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
     });
 }
 
-/// [`flush256`] for the accumulators of [`columns256`], put in output order first.
+/// [`columns256`]'s group sums of a tile (lanes as `vpunpck*` leave them) in output order.
 #[inline(always)]
-unsafe fn flush_pairs<const SYM: bool>(
-    l: &Layout,
-    tg: *const u8,
-    gi: usize,
-    o: usize,
-    gacc: &[__m256; 4],
-    gq: f32,
-    y: &mut [__m256; 4],
-) {
-    let ordered = [
-        _mm256_permute2f128_ps(gacc[0], gacc[1], 0x20),
-        _mm256_permute2f128_ps(gacc[2], gacc[3], 0x20),
-        _mm256_permute2f128_ps(gacc[0], gacc[1], 0x31),
-        _mm256_permute2f128_ps(gacc[2], gacc[3], 0x31),
-    ];
-    flush256::<SYM>(l, tg, gi, o, &ordered, gq, y);
+unsafe fn in_order(g: [__m256; 4]) -> [__m256; 4] {
+    [
+        _mm256_permute2f128_ps(g[0], g[1], 0x20),
+        _mm256_permute2f128_ps(g[2], g[3], 0x20),
+        _mm256_permute2f128_ps(g[0], g[1], 0x31),
+        _mm256_permute2f128_ps(g[2], g[3], 0x31),
+    ]
 }
