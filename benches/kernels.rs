@@ -237,7 +237,7 @@ fn sparse_bench(c: &mut Criterion) {
                 let tgs: Vec<TgMatrix> = (0..copies)
                     .map(|_| TgMatrix::new("w", layout, WeightBytes::from_vec(tg.clone())).unwrap())
                     .collect();
-                let (x, q8) = activations(1, cols);
+                let (_, q8) = activations(1, cols);
                 let xs = [q8.row(0)];
                 let mut out = vec![0.0f32; rows];
                 let mut g = c.benchmark_group("sparse_t1");
@@ -279,7 +279,6 @@ fn sparse_bench(c: &mut Criterion) {
                     );
                 }
                 g.finish();
-                black_box(&x);
             }
         }
     }

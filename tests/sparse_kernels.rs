@@ -30,17 +30,10 @@ fn lcg(seed: u64) -> impl FnMut() -> f32 {
 /// row of a constant (a zero scale with a minimum).
 fn matrix(p: Pq, n_out: usize, n_in: usize, seed: u64) -> TgMatrix {
     let mut next = lcg(seed);
-    let mut r_last = usize::MAX;
-    let mut mag = 1.0;
-    from_values(p, n_out, n_in, |r, _| {
-        if r != r_last {
-            (r_last, mag) = (r, [1.0, 0.01, 30.0][r % 3]);
-        }
-        match r {
-            0 => 0.0,
-            1 => 0.75,
-            _ => next() * mag,
-        }
+    from_values(p, n_out, n_in, |r, _| match r {
+        0 => 0.0,
+        1 => 0.75,
+        _ => next() * [1.0, 0.01, 30.0][r % 3],
     })
 }
 

@@ -124,15 +124,26 @@ const AHEAD_BLOCKS: usize = 4;
 #[inline(always)]
 unsafe fn prefetch_scales(l: &Layout, tg: *const u8, act: &Active, k: usize, o: usize, n: usize) {
     if let Some(b) = act.blocks.get(k + AHEAD_BLOCKS) {
-        let sp = tg.wrapping_add(l.scales_offset(b.index as usize * QK8 / l.group()) + 2 * o);
-        let planes = if l.pq.sym { 1 } else { 2 };
-        for plane in 0..planes {
-            let p = sp.wrapping_add(plane * 2 * l.n_out_pad());
-            for line in (0..2 * n).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
-            }
-        }
+        prefetch_group_scales(l, tg, b.index as usize * QK8 / l.group(), o, n);
     }
+}
+
+/// Hints the cache to fetch the scales (and minimums) of outputs `o .. o + n` of group `gi`.
+#[inline(always)]
+unsafe fn prefetch_group_scales(l: &Layout, tg: *const u8, gi: usize, o: usize, n: usize) {
+    let sp = tg.wrapping_add(l.scales_offset(gi) + 2 * o);
+    for plane in 0..if l.pq.sym { 1 } else { 2 } {
+        prefetch_span(sp.wrapping_add(plane * 2 * l.n_out_pad()), 2 * n);
+    }
+}
+
+/// Hints the cache to fetch every line of `p .. p + len` (`len` > 0), whatever its alignment.
+#[inline(always)]
+unsafe fn prefetch_span(p: *const u8, len: usize) {
+    for at in (0..len).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8);
+    }
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(len - 1) as *const i8);
 }
 
 /// Calls `$inner::<BITS, SYM>` for the matrix's format.
@@ -394,7 +405,8 @@ unsafe fn flush256<const SYM: bool>(
     }
 }
 
-/// One tile of 32 outputs (`valid` of them stored).
+/// One tile of 32 outputs (`valid` of them stored), for codes of 5 to 8 bits ([`product_avx2`]
+/// gives smaller codes to [`columns256`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -527,25 +539,21 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                         let p: [*const u8; 4] = std::array::from_fn(|i| base.add(off[i]));
                         let ahead = offs.get(k + QUADS_AHEAD);
                         // The group's scales, read when the group is done, fetched along its first quad.
-                        let scales = (bi == first && k == b.quads.start as usize).then(|| {
-                            tg.as_ptr()
-                                .wrapping_add(l.scales_offset(gi) + 2 * outs.start)
-                        });
+                        let scales = bi == first && k == b.quads.start as usize;
                         for t in 0..tiles {
-                            if let Some(sp) = scales {
-                                for plane in 0..if SYM { 1 } else { 2 } {
-                                    let p =
-                                        sp.wrapping_add(plane * 2 * l.n_out_pad() + t * 2 * CHUNK);
-                                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(63) as *const i8);
-                                }
+                            if scales {
+                                prefetch_group_scales(
+                                    l,
+                                    tg.as_ptr(),
+                                    gi,
+                                    outs.start + t * CHUNK,
+                                    CHUNK,
+                                );
                             }
                             if let Some(next) = ahead.filter(|_| (t * cb).is_multiple_of(64)) {
-                                // Two lines cover the next 64 bytes of a run, whatever its alignment.
+                                // The next 64 bytes of each of the quad's runs.
                                 for &at in next {
-                                    let p = base.wrapping_add(at + t * cb);
-                                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(63) as *const i8);
+                                    prefetch_span(base.wrapping_add(at + t * cb), 64);
                                 }
                             }
                             let c: [__m256i; 4] =
