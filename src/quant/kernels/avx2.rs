@@ -152,7 +152,9 @@ macro_rules! q8_kernels {
             // Past the matrix's end the hint is dropped, unread.
             let next = w.wrapping_add(8 * row_bytes);
             for b in 0..nb {
+                // Two hints 40 bytes apart, so that every 64-byte line of the 80 is covered.
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * 80) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * 80 + 40) as *const i8);
                 let xv = load_x(x, b);
                 let xds = _mm_unpacklo_ps(
                     _mm_load_ss(x.d.as_ptr().add(b)),
@@ -183,7 +185,9 @@ macro_rules! q8_kernels {
             // As in `q4_1_rows4`: fetch four rows, eight rows ahead, 4 · 34 bytes a block.
             let next = w.wrapping_add(8 * row_bytes);
             for b in 0..nb {
+                // 136 bytes a block: two lines, or every other line would be left out.
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * 136) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * 136 + 64) as *const i8);
                 let xv = load_x(x, b);
                 let xd = _mm256_set1_ps(*x.d.get_unchecked(b));
                 for r in 0..4 {
