@@ -271,6 +271,7 @@ proptest! {
 }
 
 /// Every pq format (and twin) on the odd shapes of real models, 1 to 5 tokens, plain and extreme.
+/// Six rows: one token takes the four-row decode kernels and then the row-by-row tail.
 #[test]
 fn every_format_odd_shapes() {
     for ty in kernel_types() {
@@ -280,7 +281,7 @@ fn every_format_odd_shapes() {
             }
             for (n, extreme) in [(1, false), (2, true), (3, false), (4, true), (5, false)] {
                 let seed = cols as u64 * 31 + n as u64;
-                let w: Vec<u8> = (0..2)
+                let w: Vec<u8> = (0..6)
                     .flat_map(|r| any_row(ty, cols, seed + r, extreme))
                     .collect();
                 let x: Vec<f32> = (0..cols * n)
@@ -310,6 +311,8 @@ fn max_codes_do_not_saturate() {
             .map(|j| if j % 3 == 0 { -1.0 } else { 1.0 })
             .collect();
         check(ty, &w, &x, 3, cols);
+        // Five copies of the row, one token: the four-row decode kernels, then the tail.
+        check(ty, &w.repeat(5), &x[..cols], 1, cols);
     }
 }
 

@@ -148,6 +148,26 @@ macro_rules! pq_kernels {
             let xs_for_sums = if SYM { &xs[..0] } else { xs };
             group_sums(xs_for_sums, G, |sums| {
                 let mut res = [0.0f32; 4];
+                // Decode (one token): four rows at a time, then the rows left over one by one.
+                let four = if xs.len() == 1 {
+                    w.len() / row_bytes / 4 * 4
+                } else {
+                    0
+                };
+                for r in (0..four).step_by(4) {
+                    let wr = w.as_ptr().add(r * row_bytes);
+                    // The four rows after the next four, as `q4_1_rows4` fetches them.
+                    let ahead = wr.wrapping_add(8 * row_bytes);
+                    for off in (0..4 * row_bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
+                    }
+                    pq_rows4::<BITS, SYM, G>(wr, row_bytes, &xs[0], sums.as_ptr(), &mut res);
+                    for (i, &v) in res.iter().enumerate() {
+                        *out.add(r + i) = v;
+                    }
+                }
+                let w = w.get_unchecked(four * row_bytes..);
+                let out = out.add(four);
                 for (r, wr) in w.chunks_exact(row_bytes).enumerate() {
                     // Fetch the row after next while this one computes (see `q4_1_rows4`).
                     let ahead = wr.as_ptr().wrapping_add(2 * row_bytes);
@@ -202,6 +222,105 @@ macro_rules! pq_kernels {
             } else {
                 c
             }
+        }
+
+        /// Four consecutive rows (from `w`, `row_bytes` apart) times one token. The activation
+        /// chunk and its scale are loaded once for the four rows, and the rows' integer chunk
+        /// sums are reduced into one vector (lanes `r` and `r + 4` hold row `r`'s halves), so that
+        /// a chunk costs one conversion and one multiply-add for all four rows instead of one per
+        /// row; the weight scales are applied per group to the four rows' lanes at once.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn pq_rows4<const BITS: u32, const SYM: bool, const G: usize>(
+            w: *const u8,
+            row_bytes: usize,
+            x: &Q8Row,
+            sums: *const f32,
+            out: &mut [f32; 4],
+        ) {
+            let signed = SYM || (BITS == 8 && !U8_NO_SATURATION);
+            let minus128 = BITS == 8 && !SYM && !U8_NO_SATURATION;
+            let flip = BITS == 1 && SYM;
+            let hb = if SYM { 2 } else { 4 };
+            let cb = 4 * BITS as usize;
+            let nb = x.d.len();
+            let groups = nb.div_ceil(G);
+            let mut acc = _mm256_setzero_ps();
+            // Lane r: row r's minimum term.
+            let mut offs = _mm_setzero_ps();
+            let mut off = 0usize;
+            for g in 0..groups {
+                let count = if g + 1 < groups || nb.is_multiple_of(G) {
+                    G
+                } else {
+                    nb % G
+                };
+                let mut part = [_mm256_setzero_ps(); 2];
+                let mut q = off + hb;
+                for k in 0..count {
+                    let c = g * G + k;
+                    let xq = load_x(x, c);
+                    let mut p = [_mm256_setzero_si256(); 4];
+                    for (r, pr) in p.iter_mut().enumerate() {
+                        let wv = pq_codes::<BITS, SYM>(w.add(r * row_bytes + q));
+                        *pr = if flip {
+                            madd_u8_i8(_mm256_set1_epi8(1), _mm256_sign_epi8(xq, wv))
+                        } else if signed {
+                            madd_u8_i8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xq, wv))
+                        } else {
+                            madd_u8_i8(wv, xq)
+                        };
+                    }
+                    // [row 0 lanes 0–3, row 1, row 2, row 3 | the same of lanes 4–7], summed.
+                    let mut pi = _mm256_hadd_epi32(
+                        _mm256_hadd_epi32(p[0], p[1]),
+                        _mm256_hadd_epi32(p[2], p[3]),
+                    );
+                    if minus128 {
+                        // 128·Σq over the chunk, half in each of a row's two lanes, exactly.
+                        let k = *x.isum.get_unchecked(c) << 6;
+                        pi = _mm256_add_epi32(pi, _mm256_set1_epi32(k));
+                    }
+                    let xd = _mm256_set1_ps(*x.d.get_unchecked(c));
+                    let pf = _mm256_cvtepi32_ps(pi);
+                    part[k & 1] = _mm256_fmadd_ps(pf, xd, part[k & 1]);
+                    q += cb;
+                }
+                // The four rows' group headers: d (and m) as f32, row r in lane r.
+                let h = |r: usize| (w.add(r * row_bytes + off) as *const u32).read_unaligned();
+                let (d, m) = if SYM {
+                    let v = _mm_setr_epi32(
+                        (h(0) & 0xFFFF | h(1) << 16) as i32,
+                        (h(2) & 0xFFFF | h(3) << 16) as i32,
+                        0,
+                        0,
+                    );
+                    (_mm_cvtph_ps(v), _mm_setzero_ps())
+                } else {
+                    // [d0 m0 d1 m1 d2 m2 d3 m3] as f16 pairs, to f32, then split.
+                    let v = _mm_setr_epi32(h(0) as i32, h(1) as i32, h(2) as i32, h(3) as i32);
+                    let dm = _mm256_cvtph_ps(v);
+                    let d = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0));
+                    let m = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0));
+                    (_mm256_castps256_ps128(d), _mm256_castps256_ps128(m))
+                };
+                let d = if flip {
+                    _mm_sub_ps(_mm_setzero_ps(), d)
+                } else {
+                    d
+                };
+                let dd = _mm256_set_m128(d, d);
+                acc = _mm256_fmadd_ps(_mm256_add_ps(part[0], part[1]), dd, acc);
+                if !SYM {
+                    offs = _mm_fmadd_ps(m, _mm_set1_ps(*sums.add(g)), offs);
+                }
+                off = q;
+            }
+            let r = _mm_add_ps(
+                _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)),
+                offs,
+            );
+            _mm_storeu_ps(out.as_mut_ptr(), r);
         }
 
         /// One row times `N` tokens; `sums` holds the tokens' group sums (`groups` per token).
