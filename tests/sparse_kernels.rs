@@ -154,6 +154,43 @@ fn check(p: Pq, n_out: usize, n_in: usize, seed: u64, which: u8, parts: usize) {
             }
         }
     }
+    // The inputs split into parts, as the sparse FFN splits a product across threads: the parts'
+    // products over every output sum to the whole, and no weight byte is read twice.
+    let mut pieces = Vec::new();
+    let used = act.split_into(parts, p.group as usize, &mut pieces);
+    assert!(used <= parts && (used > 0) == (act.n_active > 0));
+    let pieces = &pieces[..used];
+    assert_eq!(
+        pieces.iter().map(|a| a.n_active).sum::<usize>(),
+        act.n_active
+    );
+    assert_eq!(
+        pieces
+            .iter()
+            .map(|a| bytes_read(&w.layout, a))
+            .sum::<usize>(),
+        bytes_read(&w.layout, &act)
+    );
+    let mut want = vec![f32::NAN; n_out];
+    product_reference(&w, &act, 0..n_out, &mut want);
+    let (_, mag) = truth(&w, &q8, &act, 0..n_out);
+    for isa in Isa::supported() {
+        let mut sum = vec![0.0f32; n_out];
+        for a in pieces {
+            let mut y = vec![f32::NAN; n_out];
+            product(isa, &w, a, 0..n_out, &mut y);
+            sum.iter_mut().zip(&y).for_each(|(s, v)| *s += v);
+        }
+        for k in 0..n_out {
+            assert!(
+                (sum[k] - want[k]).abs() as f64 <= 1e-5 * mag[k] + 1e-30,
+                "{} {p} {n_out}x{n_in} {used} parts, which {which} at {k}: {} vs {}",
+                isa.name(),
+                sum[k],
+                want[k]
+            );
+        }
+    }
 }
 
 proptest! {

@@ -5,7 +5,7 @@
 //! in the transposed-group layout ([`crate::quant::transposed`]), so with nothing skipped the
 //! sparse path computes the dense model (the same weights and the same 8-bit activations, up to
 //! float summation order). A skipped input or neuron is a skipped contiguous run of codes
-//! ([`crate::quant::kernels::sparse`]); each product's outputs are split across the worker threads.
+//! ([`crate::quant::kernels::sparse`]); each product is split across the worker threads by inputs.
 //!
 //! Neurons keep their original order: permuting `ffn_down`'s inputs would regroup its weights
 //! under other scales (see [`crate::quant::transposed`]), so the hot neurons are a set, tested with
@@ -31,7 +31,7 @@ use crate::format::Gguf;
 use crate::parallel::DisjointMut;
 use crate::plan::sparsify::{keys, tg_name, FFN, VERSION};
 use crate::quant::activation::Q8Acts;
-use crate::quant::kernels::sparse::{bytes_read, product, split, Active};
+use crate::quant::kernels::sparse::{bytes_read, product, Active};
 use crate::quant::kernels::{self};
 use crate::quant::matmul::WeightBytes;
 use crate::quant::transposed::{Layout, TgMatrix};
@@ -273,13 +273,14 @@ impl SparseFfn {
                 products(
                     &mut [(&layer.gate, &mut *gate), (&layer.up, &mut *up)],
                     &b.act,
+                    &mut b.parts,
                 );
                 ops::swiglu(gate, up);
                 b.q8.quantize(gate, 1, ff);
                 b.act
                     .build_thresholded(&b.q8.row(0), ff, gate, t_neu, Some(&layer.hot));
                 read += bytes_read(&layer.down.layout, &b.act);
-                products(&mut [(&layer.down, o)], &b.act);
+                products(&mut [(&layer.down, o)], &b.act, &mut b.parts);
                 self.token_layers.fetch_add(1, Relaxed);
                 self.bytes_read.fetch_add(read as u64, Relaxed);
                 self.bytes_dense.fetch_add(dense as u64, Relaxed);
@@ -364,6 +365,16 @@ struct Buffers {
     q8: Q8Acts,
     act: Active,
     y: Vec<f32>,
+    parts: Parts,
+}
+
+/// The parts a product is split into across threads ([`products`]), reused.
+#[derive(Default)]
+struct Parts {
+    /// Per job, the active inputs of each part.
+    acts: Vec<Vec<Active>>,
+    /// Every part's partial sums, one after another.
+    sums: Vec<f32>,
 }
 
 thread_local! {
@@ -371,35 +382,49 @@ thread_local! {
 }
 
 /// `y = W·x̂` over the active inputs for each `(W, y)` of `jobs` (products of the same
-/// activations), the outputs split across the worker threads in one loop (two ranges per thread
-/// and matrix, so that a thread slowed by another process's load does not hold the others up).
-fn products(jobs: &mut [(&TgMatrix, &mut [f32])], act: &Active) {
+/// activations), split across the worker threads by *inputs*: each part of a product takes some
+/// weight groups' active inputs for every output, into its own partial sums, which are added up
+/// after the loop. A split by outputs (as dense products are split) would cut each active input's
+/// contiguous run of codes into one piece per part (72 bytes of `ffn_down`'s 288 on two threads
+/// with two parts each); split by inputs, every run is read whole, as one stream, and no group's
+/// scales are read twice. Two parts per thread and matrix, so that a thread slowed by another
+/// process's load does not hold the others up.
+fn products(jobs: &mut [(&TgMatrix, &mut [f32])], act: &Active, parts: &mut Parts) {
     let isa = kernels::isa();
-    let parts = 2 * crate::parallel::threads();
-    let items: Vec<(usize, std::ops::Range<usize>)> = jobs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, (w, _))| {
-            split(w.layout.n_out, parts)
-                .into_iter()
-                .map(move |r| (i, r))
-        })
-        .collect();
-    let outs: Vec<(&TgMatrix, DisjointMut)> = jobs
-        .iter_mut()
-        .map(|(w, y)| {
-            assert_eq!(y.len(), w.layout.n_out);
-            (*w, DisjointMut::new(y))
-        })
-        .collect();
-    crate::parallel::for_each(items.len(), &|k| {
-        let (i, r) = items[k].clone();
-        let (w, out) = outs[i];
-        // SAFETY: the ranges of one matrix are disjoint and inside its `y`, which outlives the
-        // loop.
-        let y = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r.start), r.len()) };
-        product(isa, w, act, r, y);
+    let per = 2 * crate::parallel::threads();
+    parts.acts.resize_with(jobs.len(), Vec::new);
+    // (job, part, offset of its partial sums in `parts.sums`)
+    let mut items = Vec::with_capacity(jobs.len() * per);
+    let mut len = 0;
+    for (i, (w, y)) in jobs.iter().enumerate() {
+        assert_eq!(y.len(), w.layout.n_out);
+        let used = act.split_into(per, w.layout.group(), &mut parts.acts[i]);
+        for k in 0..used {
+            items.push((i, k, len));
+            len += w.layout.n_out;
+        }
+    }
+    parts.sums.clear();
+    parts.sums.resize(len, 0.0);
+    let sums = DisjointMut::new(&mut parts.sums);
+    let acts = &parts.acts;
+    let mats: Vec<&TgMatrix> = jobs.iter().map(|(w, _)| *w).collect();
+    crate::parallel::for_each(items.len(), &|n| {
+        let (i, k, at) = items[n];
+        let w = mats[i];
+        // SAFETY: each item's partial sums are its own `n_out` elements of `sums`, which outlives
+        // the loop.
+        let y = unsafe { std::slice::from_raw_parts_mut(sums.ptr().add(at), w.layout.n_out) };
+        product(isa, w, &acts[i][k], 0..w.layout.n_out, y);
     });
+    for (i, (_, y)) in jobs.iter_mut().enumerate() {
+        y.fill(0.0);
+        for &(_, _, at) in items.iter().filter(|it| it.0 == i) {
+            for (o, v) in y.iter_mut().zip(&parts.sums[at..]) {
+                *o += v;
+            }
+        }
+    }
 }
 
 impl Model {

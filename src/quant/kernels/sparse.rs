@@ -162,6 +162,47 @@ impl Active {
         &self.quads[b.quads.start as usize..b.quads.end as usize]
     }
 
+    /// Splits the active inputs into at most `parts` parts of consecutive blocks with about equal
+    /// numbers of quads, each part starting at a weight group of `group` inputs (so that no
+    /// group's scales are read by two parts), into `out`'s first elements (buffers reused);
+    /// returns how many parts are used. The products of the parts sum to the product of `self`.
+    pub fn split_into(&self, parts: usize, group: usize, out: &mut Vec<Active>) -> usize {
+        let parts = parts.max(1);
+        if out.len() < parts {
+            out.resize_with(parts, Active::default);
+        }
+        for a in out.iter_mut() {
+            a.n_in = self.n_in;
+            a.blocks.clear();
+            a.quads.clear();
+            a.n_active = 0;
+        }
+        let total = self.quads.len();
+        let (mut k, mut done, mut last_group) = (0, 0, usize::MAX);
+        for b in &self.blocks {
+            let gi = b.index as usize * QK8 / group;
+            // Move on to the next part at a group boundary once this one has its share.
+            if gi != last_group && k + 1 < parts && done > 0 && done * parts >= total * (k + 1) {
+                k += 1;
+            }
+            last_group = gi;
+            let a = &mut out[k];
+            let quads = self.quads_of(b);
+            let start = a.quads.len() as u32;
+            a.quads.extend_from_slice(quads);
+            a.n_active += quads
+                .iter()
+                .map(|q| q.q.to_le_bytes().iter().filter(|&&v| v != 0).count())
+                .sum::<usize>();
+            a.blocks.push(Block {
+                quads: start..a.quads.len() as u32,
+                ..b.clone()
+            });
+            done += quads.len();
+        }
+        out[..parts].iter().filter(|a| !a.blocks.is_empty()).count()
+    }
+
     /// Weight groups (of `group` inputs) with an active input, increasing.
     pub fn groups(&self, group: usize) -> impl Iterator<Item = usize> + '_ {
         let mut last = usize::MAX;
