@@ -745,3 +745,38 @@ fn headers_longer_than_the_first_read_are_read_whole() {
     assert_eq!(lean.array_len("tokenizer.ggml.tokens"), Some(200_000));
     assert_eq!(lean.get("general.long"), g.get("general.long"));
 }
+
+// ------------------------------------------------------------------ (d) read into memory
+
+/// `Gguf::open_resident` reads the file into memory instead of mapping it: the same bytes, the
+/// same parse as `open_lean`, and the same errors on every truncation (no panic on an empty file).
+#[test]
+fn resident_open_equals_the_mapped_one() {
+    let bytes = fixture_bytes();
+    let mapped = open_bytes_with(&bytes, "lean", |p| Gguf::open_lean(p)).unwrap();
+    let resident = open_bytes_with(&bytes, "resident", |p| Gguf::open_resident(p)).unwrap();
+    assert_eq!(resident.bytes(), mapped.bytes());
+    assert_eq!(resident.data_offset, mapped.data_offset);
+    assert_eq!(
+        format!("{:?}", resident.tensors),
+        format!("{:?}", mapped.tensors)
+    );
+    for t in &mapped.tensors {
+        assert_eq!(resident.tensor_data(t), mapped.tensor_data(t), "{}", t.name);
+    }
+    for cut in [0, 3, 8, 24, bytes.len() / 2, needed_len(&bytes) - 1] {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&bytes[..cut]).unwrap();
+        f.flush().unwrap();
+        let case = format!("resident truncation at {cut}");
+        let want = Gguf::open_lean(f.path()).map(|_| ());
+        let got = catch_unwind(|| Gguf::open_resident(f.path()).map(|_| ()))
+            .unwrap_or_else(|_| panic!("{case} panicked"));
+        assert!(got.is_err(), "{case} was accepted");
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            want.unwrap_err().to_string(),
+            "{case}"
+        );
+    }
+}

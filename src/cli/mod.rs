@@ -75,11 +75,22 @@ pub struct Common {
     /// Apply the LoRA adapters in this PEFT directory, unmerged.
     #[arg(long)]
     pub lora: Option<std::path::PathBuf>,
+    /// Compute on the memory-mapped file instead of reading the model into memory backed by
+    /// huge pages (less resident memory when only part of the model is used; slower decoding).
+    #[arg(long)]
+    pub mmap: bool,
 }
 
 impl Common {
-    /// Sizes the global thread pool, then loads the model.
+    /// Sizes the global thread pool, then loads the model: read into memory backed by huge
+    /// pages unless `--mmap` is given.
     pub fn load(&self) -> anyhow::Result<pare::model::Model> {
+        self.load_with(!self.mmap)
+    }
+
+    /// As [`Common::load`], read into memory only when `resident` (a pipeline stage touches only
+    /// its layers, so keeps the map).
+    pub fn load_with(&self, resident: bool) -> anyhow::Result<pare::model::Model> {
         if let Some(t) = self.threads {
             anyhow::ensure!(
                 (1..=1024).contains(&t),
@@ -91,7 +102,11 @@ impl Common {
                 .num_threads(t)
                 .build_global()?;
         }
-        let mut model = pare::model::Model::load(&self.model)?;
+        let mut model = if resident {
+            pare::model::Model::load_resident(&self.model)?
+        } else {
+            pare::model::Model::load(&self.model)?
+        };
         model.exact_activations = self.exact_activations;
         if self.sparse_path {
             model.set_sparse_path(self.sparsity)?;

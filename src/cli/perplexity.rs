@@ -39,7 +39,7 @@ fn progress(n: usize) -> ProgressBar {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut model = a.common.load()?;
+    let mut model = a.common.load_with(!a.common.mmap && !a.stages.active())?;
     if let Some(sp) = model.sparse.as_mut() {
         // Chunks are scored token by token on the sparse path, as decoding would compute them.
         sp.max_batch = usize::MAX;

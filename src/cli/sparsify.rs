@@ -85,6 +85,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sparsity: 0.0,
         sparse_path: false,
         lora: None,
+        mmap: false,
     };
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))?;
     let model = common.load()?;

@@ -108,7 +108,7 @@ pub struct Args {
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = a.common.load()?;
+    let model = a.common.load_with(!a.common.mmap && !a.stages.active())?;
     anyhow::ensure!(
         model.lora.is_none(),
         "--lora adapters cannot be trained further; use --resume"
