@@ -311,8 +311,18 @@ fn max_codes_do_not_saturate() {
             .map(|j| if j % 3 == 0 { -1.0 } else { 1.0 })
             .collect();
         check(ty, &w, &x, 3, cols);
-        // Five copies of the row, one token: the four-row decode kernels, then the tail.
+        // Five copies of the row, one token: the four-row decode kernels, then the tail; with
+        // every activation +127 too, so that the 16-bit sums of the four-row kernel meet their
+        // bound without cancelling. Symmetric codes are largest in magnitude at 0 (−2^(k−1)).
         check(ty, &w.repeat(5), &x[..cols], 1, cols);
+        let ones = vec![1.0f32; cols];
+        check(ty, &w.repeat(5), &ones, 1, cols);
+        if p.sym {
+            for g0 in 0..cols / g {
+                w[g0 * gb + hb..(g0 + 1) * gb].fill(0);
+            }
+            check(ty, &w.repeat(5), &ones, 1, cols);
+        }
     }
 }
 
