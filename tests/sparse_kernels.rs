@@ -5,13 +5,37 @@
 //! all / some inputs active.
 
 use pare::quant::activation::Q8Acts;
-use pare::quant::kernels::sparse::{bytes_read, product, product_reference, split, Active};
+use pare::quant::kernels::sparse::{bytes_read, product, product_reference, Active};
 use pare::quant::kernels::Isa;
 use pare::quant::matmul::WeightBytes;
 use pare::quant::quantize::{quantize_row, Method, Options};
 use pare::quant::transposed::{Layout, TgMatrix};
 use pare::quant::{GgmlType, Pq};
 use proptest::prelude::*;
+
+/// Outputs per tile of the widest SIMD path.
+const TILE: usize = 64;
+
+/// Splits `n_out` outputs into at most `parts` ranges of whole tiles, as even as possible: the
+/// output ranges a caller may compute (each starts at a multiple of 32).
+fn split(n_out: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let tiles = n_out.div_ceil(TILE);
+    let parts = parts.clamp(1, tiles.max(1));
+    (0..parts)
+        .map(|k| {
+            let (a, b) = (tiles * k / parts, tiles * (k + 1) / parts);
+            (a * TILE).min(n_out)..(b * TILE).min(n_out)
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+#[test]
+fn split_keeps_whole_tiles() {
+    assert_eq!(split(576, 2), vec![0..256, 256..576]);
+    assert_eq!(split(576, 100).len(), 9);
+    assert_eq!(split(100, 4), vec![0..64, 64..100]);
+}
 
 fn lcg(seed: u64) -> impl FnMut() -> f32 {
     let mut s = seed

@@ -443,7 +443,7 @@ impl<'f> Cursor<'f> {
 impl Gguf {
     /// Opens and parses a GGUF file.
     pub fn open(path: impl AsRef<Path>) -> Result<Gguf> {
-        Self::open_with(path.as_ref(), false)
+        Self::open_with(path.as_ref(), false, false)
     }
 
     /// Opens a GGUF file without keeping the tokenizer's arrays (`tokenizer.*` arrays: the
@@ -451,7 +451,7 @@ impl Gguf {
     /// find them; [`Gguf::array_len`] gives their lengths and [`Gguf::with_complete`] a complete
     /// parse. For loading a model, which needs them only to build its tokenizer.
     pub fn open_lean(path: impl AsRef<Path>) -> Result<Gguf> {
-        Self::open_with(path.as_ref(), true)
+        Self::open_with(path.as_ref(), true, false)
     }
 
     /// As [`Gguf::open_lean`], but the file is read into memory instead of mapped: into one
@@ -463,28 +463,25 @@ impl Gguf {
     /// is the file's size once. For a process that computes with all of the model; a pipeline
     /// stage, which touches only its layers, keeps the map ([`Gguf::open_lean`]).
     pub fn open_resident(path: impl AsRef<Path>) -> Result<Gguf> {
-        let path = path.as_ref();
+        Self::open_with(path.as_ref(), true, true)
+    }
+
+    fn open_with(path: &Path, lean: bool, resident: bool) -> Result<Gguf> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len() as usize;
-        let mmap = if len == 0 {
-            // An empty region cannot be mapped; the parse reports the empty file.
-            unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?
-        } else {
-            let mut m = memmap2::MmapMut::map_anon(len).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // An empty region cannot be mapped anonymously; the parse reports the empty file.
+        let mmap = if resident && len > 0 {
+            let mut m = memmap2::MmapMut::map_anon(len as usize).map_err(|e| Error::io(path, e))?;
             // Only a hint: without transparent huge pages the region keeps small pages.
             #[cfg(target_os = "linux")]
             let _ = m.advise(memmap2::Advice::HugePage);
             read_all_at(&file, &mut m).map_err(|e| Error::io(path, e))?;
             m.make_read_only().map_err(|e| Error::io(path, e))?
+        } else {
+            // SAFETY: the map is read-only; pare never writes the files it reads while they are
+            // open.
+            unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?
         };
-        Self::parse(path.to_path_buf(), mmap, file, true)
-            .map_err(|e| Error::Gguf(format!("{}: {}", path.display(), strip_prefix(e))))
-    }
-
-    fn open_with(path: &Path, lean: bool) -> Result<Gguf> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; pare never writes the files it reads while they are open.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Self::parse(path.to_path_buf(), mmap, file, lean)
             .map_err(|e| Error::Gguf(format!("{}: {}", path.display(), strip_prefix(e))))
     }

@@ -17,8 +17,8 @@
 //! (`sparse_x86.rs`) keep a tile of outputs in registers across all active inputs and equal it up
 //! to float rounding.
 //!
-//! Each caller computes a range of outputs (its share: one product is split across threads by
-//! outputs, see [`split`]); a range starts at a multiple of [`TILE`] outputs.
+//! A call computes a range of outputs starting at a multiple of 32 (the sparse FFN takes every
+//! output and splits a product across threads by inputs instead, see [`Active::split_into`]).
 
 use std::ops::Range;
 
@@ -26,9 +26,6 @@ use super::Isa;
 use crate::quant::activation::{Q8Row, QK8};
 use crate::quant::pq::{Pq, CHUNK};
 use crate::quant::transposed::{Layout, TgMatrix};
-
-/// Outputs per tile of the widest path; ranges of a split start at multiples of it.
-pub const TILE: usize = 64;
 
 /// Four active inputs of one activation block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,19 +219,6 @@ pub fn bytes_read(l: &Layout, act: &Active) -> usize {
     act.groups(l.group()).count() * l.scale_bytes() + act.n_active * l.code_row_bytes()
 }
 
-/// Splits `n_out` outputs into at most `parts` ranges of whole tiles, as even as possible.
-pub fn split(n_out: usize, parts: usize) -> Vec<Range<usize>> {
-    let tiles = n_out.div_ceil(TILE);
-    let parts = parts.clamp(1, tiles.max(1));
-    (0..parts)
-        .map(|k| {
-            let (a, b) = (tiles * k / parts, tiles * (k + 1) / parts);
-            (a * TILE).min(n_out)..(b * TILE).min(n_out)
-        })
-        .filter(|r| !r.is_empty())
-        .collect()
-}
-
 fn check(w: &TgMatrix, act: &Active, outs: &Range<usize>, y: &[f32]) {
     let l = &w.layout;
     assert!(
@@ -326,13 +310,6 @@ pub(crate) fn affine(p: Pq, d: f32, m: f32) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_keeps_whole_tiles() {
-        assert_eq!(split(576, 2), vec![0..256, 256..576]);
-        assert_eq!(split(576, 100).len(), 9);
-        assert_eq!(split(100, 4), vec![0..64, 64..100]);
-    }
 
     #[test]
     fn affine_matches_the_format() {
