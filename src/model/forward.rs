@@ -514,9 +514,9 @@ fn attention(c: &Config, kv: &KvCache, layer: usize, p0: usize, q: &[f32], out: 
         SCORES.with_borrow_mut(|sc| match isa {
             // SAFETY: `isa` names only instruction sets the CPU has.
             #[cfg(target_arch = "x86_64")]
-            crate::quant::kernels::Isa::Avx512 => unsafe { head.attend_avx512(sc, o) },
-            #[cfg(target_arch = "x86_64")]
-            crate::quant::kernels::Isa::Avx2 => unsafe { head.attend_avx2(sc, o) },
+            crate::quant::kernels::Isa::Avx512 | crate::quant::kernels::Isa::Avx2 => unsafe {
+                head.attend_avx2(sc, o)
+            },
             _ => head.attend(sc, o),
         });
     });
@@ -535,8 +535,7 @@ struct Head<'a> {
 }
 
 impl Head<'_> {
-    /// The plain code, compiled once per instruction set below. Rust never fuses a multiply and
-    /// an add by itself, so every version computes bit-identical results, only with wider vectors.
+    /// The plain code: the scalar path, and the reference of [`Head::attend_avx2`].
     #[inline(always)]
     fn attend(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
         let hd = self.q.len();
@@ -555,15 +554,120 @@ impl Head<'_> {
         }
     }
 
+    /// [`Head::attend`] in AVX2 registers for head sizes that are a multiple of 64 (others take
+    /// the plain code): the scores of four keys at a time (the query chunk loaded once for the
+    /// four, the four sums reduced together), and the output kept in 8 registers per 64
+    /// dimensions across every value. The plain code, compiled for AVX2, reduced each key's dot
+    /// product alone and loaded and stored the output once per value: decoding spent ~8% of its
+    /// time here at 128 tokens of context. Sums in another order than the plain code (tested
+    /// against it within a tolerance).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn attend_avx2(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
-        self.attend(sc, o)
+        use std::arch::x86_64::*;
+        let hd = self.q.len();
+        if !hd.is_multiple_of(64) || o.len() != hd {
+            return self.attend(sc, o);
+        }
+        let n = self.len;
+        assert!(
+            n == 0
+                || (n - 1) * self.stride + self.offset + hd
+                    <= self.keys.len().min(self.values.len())
+        );
+        sc.resize(n, 0.0);
+        let (q, kp, vp) = (
+            self.q.as_ptr(),
+            self.keys.as_ptr().add(self.offset),
+            self.values.as_ptr().add(self.offset),
+        );
+        let scale = _mm_set1_ps(self.scale);
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in (0..hd).step_by(8) {
+                let qv = _mm256_loadu_ps(q.add(c));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let kv = _mm256_loadu_ps(kp.add((j + k) * self.stride + c));
+                    *a = _mm256_fmadd_ps(qv, kv, *a);
+                }
+            }
+            // Lane k of each half: key k's partial sum; the halves added give the four scores.
+            let s = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            _mm_storeu_ps(sc.as_mut_ptr().add(j), _mm_mul_ps(s, scale));
+            j += 4;
+        }
+        for (t, s) in sc.iter_mut().enumerate().skip(j) {
+            let kt = std::slice::from_raw_parts(kp.add(t * self.stride), hd);
+            *s = crate::quant::matmul::dot_f32(self.q, kt) * self.scale;
+        }
+        ops::softmax(sc);
+        for c0 in (0..hd).step_by(64) {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (t, &p) in sc.iter().enumerate() {
+                let (p, v) = (_mm256_set1_ps(p), vp.add(t * self.stride + c0));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * i)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(c0 + 8 * i), *a);
+            }
+        }
     }
+}
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 attention equals the plain code within float rounding, for head sizes of one and
+    /// two 64-wide slabs, key counts around the four-key step, and a head that is not the first
+    /// of its position (offset, stride).
+    #[test]
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-    unsafe fn attend_avx512(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
-        self.attend(sc, o)
+    fn attention_avx2_equals_the_plain_code() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut seed = 0x9E3779B97F4A7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 20001) as f32 / 10000.0 - 1.0
+        };
+        for hd in [64usize, 128, 48] {
+            let stride = 3 * hd;
+            for len in [1usize, 3, 4, 5, 8, 33, 130] {
+                let keys: Vec<f32> = (0..len * stride).map(|_| 3.0 * next()).collect();
+                let values: Vec<f32> = (0..len * stride).map(|_| next()).collect();
+                let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+                let head = Head {
+                    q: &q,
+                    keys: &keys,
+                    values: &values,
+                    stride,
+                    offset: hd,
+                    len,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                };
+                let (mut want, mut got) = (vec![0f32; hd], vec![7f32; hd]);
+                let (mut s1, mut s2) = (Vec::new(), Vec::new());
+                head.attend(&mut s1, &mut want);
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { head.attend_avx2(&mut s2, &mut got) };
+                for (a, b) in s1.iter().zip(&s2) {
+                    assert!((a - b).abs() < 1e-5, "hd {hd} len {len}: weights {a} {b}");
+                }
+                for (a, b) in want.iter().zip(&got) {
+                    assert!((a - b).abs() < 1e-5, "hd {hd} len {len}: output {a} {b}");
+                }
+            }
+        }
     }
 }
