@@ -9,13 +9,15 @@ mod common;
 
 use pare::convert::open_source;
 use pare::model::{Logits, Model, State};
-use pare::plan::sparsify::{self, SparsityPlan, WriteOptions};
+use pare::plan::sparse_alloc;
+use pare::plan::sparsify::{self, Criterion, SparsityPlan, WriteOptions};
 
 struct Fixture {
     _dir: tempfile::TempDir,
     original: std::path::PathBuf,
     sparse: std::path::PathBuf,
     calib: Vec<u32>,
+    plan: SparsityPlan,
 }
 
 fn original(dir: &std::path::Path, ty: &str) -> std::path::PathBuf {
@@ -40,11 +42,15 @@ fn calibration() -> Vec<u32> {
 }
 
 fn fixture(ty: &str) -> Fixture {
+    fixture_with(ty, Criterion::Activation)
+}
+
+fn fixture_with(ty: &str, criterion: Criterion) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let original = original(dir.path(), ty);
     let model = Model::load(&original).unwrap();
     let calib = calibration();
-    let stats = sparsify::collect_stats(&model, &calib, 64, None, |_, _| {}).unwrap();
+    let stats = sparsify::collect_stats(&model, &calib, 64, None, criterion, |_, _| {}).unwrap();
     assert_eq!(stats.tokens, 256);
     let src = open_source(&original).unwrap();
     let shares = sparsify::code_shares(&sparsify::copies(src.as_ref(), &model.config).unwrap());
@@ -74,6 +80,7 @@ fn fixture(ty: &str) -> Fixture {
         original,
         sparse,
         calib,
+        plan,
     }
 }
 
@@ -135,6 +142,88 @@ fn sparse_path_at_zero_equals_the_original_model() {
     assert!(st.sparsity() < 0.05, "{}", st.sparsity());
 }
 
+/// The weight-aware rule's weights are the column norms of the source's weights (normalised to
+/// a root mean square of 1), stored in the file and read back exactly; `--criterion activation`
+/// files carry none (the plain |value| test, as files written before the weights existed).
+#[test]
+fn weighted_rule_is_stored_and_read_back() {
+    let f = fixture_with("q8_0", Criterion::Weighted);
+    let original = Model::load(&f.original).unwrap();
+    let norms = sparsify::column_norms(&original).unwrap();
+    let sparse = Model::load(&f.sparse).unwrap();
+    let layers = &sparse.sparse.as_ref().unwrap().layers;
+    assert_eq!(layers.len(), norms.len());
+    for (sl, n) in layers.iter().zip(&norms) {
+        assert_eq!(sl.rule.input_scale, n.input);
+        assert_eq!(sl.rule.neuron_scale, n.neuron);
+        for v in [&n.input, &n.neuron] {
+            let rms = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+            assert!((rms - 1.0).abs() < 1e-3, "{rms}");
+            assert!(v.iter().any(|&x| (x - 1.0).abs() > 0.01), "all weights 1");
+        }
+    }
+    // Column norms from the dequantized rows, directly: input j of gate/up in layer 0.
+    let lw = &original.weights.layers[0];
+    let mut row = vec![0f32; lw.gate.cols];
+    let mut sq = vec![0f64; lw.gate.cols];
+    for w in [&lw.gate, &lw.up] {
+        for r in 0..w.rows {
+            w.dequantize_row(r, &mut row).unwrap();
+            for (a, &v) in sq.iter_mut().zip(&row) {
+                *a += (v as f64).powi(2);
+            }
+        }
+    }
+    let rms = (sq.iter().sum::<f64>() / sq.len() as f64).sqrt();
+    for (j, &a) in sq.iter().enumerate() {
+        assert!((a.sqrt() / rms - norms[0].input[j] as f64).abs() < 1e-5);
+    }
+    // The sparse path applies the weighted rule as the simulation does.
+    let mut sparse = sparse;
+    simulation_matches_the_sparse_path(&original, &mut sparse, &f.plan);
+    // A file calibrated on |value| alone carries no weights.
+    let plain = fixture("q8_0");
+    let m = Model::load(&plain.sparse).unwrap();
+    let rule = &m.sparse.as_ref().unwrap().layers[0].rule;
+    assert!(rule.input_scale.is_empty() && rule.neuron_scale.is_empty());
+}
+
+/// At every level of `plan`, decoding on the sparse path of `sparse` (written from `plan`)
+/// computes what the dense-path simulation of `plan`'s rules does on `model` (up to summation
+/// order, see the S = 0 test above).
+fn simulation_matches_the_sparse_path(model: &Model, sparse: &mut Model, plan: &SparsityPlan) {
+    let rules = sparse_alloc::rules(plan);
+    for (k, &s) in plan.levels.iter().enumerate() {
+        sparse.set_sparsity(s).unwrap();
+        let want = decode(sparse, &PROMPT);
+        let mask = pare::model::sparse_ffn::FfnMask {
+            thresholds: plan
+                .layers
+                .iter()
+                .map(|l| Some((l.input_thresholds[k], l.neuron_thresholds[k])))
+                .collect(),
+            rules: rules.clone(),
+        };
+        let mut st = State::new(model, PROMPT.len()).unwrap();
+        st.ffn_mask = Some(std::sync::Arc::new(mask));
+        let got: Vec<Vec<f32>> = PROMPT
+            .iter()
+            .map(|&t| {
+                model.forward(&mut st, &[t], Logits::Last).unwrap();
+                st.logits.clone()
+            })
+            .collect();
+        let per: Vec<f32> = (0..got.len())
+            .map(|t| max_rel_diff(&got[t..t + 1], &want[t..t + 1]))
+            .collect();
+        assert!(
+            per.iter().filter(|&&d| d < 1e-4).count() * 2 >= per.len()
+                && per.iter().all(|&d| d < 0.05),
+            "level {s}: simulated and sparse paths differ: {per:?}"
+        );
+    }
+}
+
 #[test]
 fn levels_skip_what_they_promise_and_change_the_output_gradually() {
     let f = fixture("q8_0");
@@ -184,7 +273,15 @@ fn sparsity_needs_a_sparsified_model_and_a_calibrated_level() {
     assert_eq!(sparse.sparse.as_ref().unwrap().level(), Some(0.5));
     // A sparsified file is not sparsified again.
     let src = open_source(&f.sparse).unwrap();
-    let stats = sparsify::collect_stats(&sparse, &f.calib, 64, Some(1), |_, _| {}).unwrap();
+    let stats = sparsify::collect_stats(
+        &sparse,
+        &f.calib,
+        64,
+        Some(1),
+        Criterion::Activation,
+        |_, _| {},
+    )
+    .unwrap();
     let plan =
         SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
     let out = f.sparse.with_extension("again.gguf");
@@ -209,7 +306,15 @@ fn float_ffn_weights_are_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let original = original(dir.path(), "f16");
     let model = Model::load(&original).unwrap();
-    let stats = sparsify::collect_stats(&model, &calibration(), 64, Some(1), |_, _| {}).unwrap();
+    let stats = sparsify::collect_stats(
+        &model,
+        &calibration(),
+        64,
+        Some(1),
+        Criterion::Activation,
+        |_, _| {},
+    )
+    .unwrap();
     let plan =
         SparsityPlan::new(&stats, 0.1, &[0.5], &vec![(1.0, 1.0); stats.layers.len()]).unwrap();
     let src = open_source(&original).unwrap();
@@ -255,12 +360,13 @@ fn a_file_of_the_old_layout_names_pare_sparsify() {
 /// allocation's.
 #[test]
 fn kl_allocation_meets_the_level_and_costs_less_than_uniform() {
-    use pare::plan::sparse_alloc::{self, Options};
+    use pare::plan::sparse_alloc::Options;
     let dir = tempfile::tempdir().unwrap();
     let original = common::synthetic_model(dir.path(), "llama", "q8_0", 5, 4);
     let model = Model::load(&original).unwrap();
     let calib = calibration();
-    let stats = sparsify::collect_stats(&model, &calib, 64, None, |_, _| {}).unwrap();
+    let stats = sparsify::collect_stats(&model, &calib, 64, None, Criterion::Activation, |_, _| {})
+        .unwrap();
     let src = open_source(&original).unwrap();
     let copies = sparsify::copies(src.as_ref(), &model.config).unwrap();
     let bytes = sparsify::layer_bytes(&copies);
@@ -330,37 +436,8 @@ fn kl_allocation_meets_the_level_and_costs_less_than_uniform() {
     )
     .unwrap();
     let mut m = Model::load(&sparse).unwrap();
-    let hot = sparse_alloc::hot_sets(&plan);
-    for (k, &s) in levels.iter().enumerate() {
-        // The dense-path simulation the allocation measured with computes what the sparse path
-        // does (up to summation order, see the S = 0 test above).
-        m.set_sparsity(s).unwrap();
-        let want = decode(&m, &PROMPT);
-        let mask = pare::model::sparse_ffn::FfnMask {
-            thresholds: plan
-                .layers
-                .iter()
-                .map(|l| Some((l.input_thresholds[k], l.neuron_thresholds[k])))
-                .collect(),
-            hot: hot.clone(),
-        };
-        let mut st = State::new(&model, PROMPT.len()).unwrap();
-        st.ffn_mask = Some(std::sync::Arc::new(mask));
-        let got: Vec<Vec<f32>> = PROMPT
-            .iter()
-            .map(|&t| {
-                model.forward(&mut st, &[t], Logits::Last).unwrap();
-                st.logits.clone()
-            })
-            .collect();
-        let per: Vec<f32> = (0..got.len())
-            .map(|t| max_rel_diff(&got[t..t + 1], &want[t..t + 1]))
-            .collect();
-        assert!(
-            per.iter().filter(|&&d| d < 1e-4).count() * 2 >= per.len()
-                && per.iter().all(|&d| d < 0.05),
-            "level {s}: simulated and sparse paths differ: {per:?}"
-        );
+    simulation_matches_the_sparse_path(&model, &mut m, &plan);
+    for &s in &levels {
         m.set_sparsity(s).unwrap();
         m.sparse.as_ref().unwrap().reset_stats();
         let mut st = State::new(&m, 64).unwrap();

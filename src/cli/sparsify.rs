@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use indicatif::{ProgressBar, ProgressStyle};
 use pare::convert::open_source;
 use pare::plan::sparse_alloc;
-use pare::plan::sparsify::{self, SparsityPlan, WriteOptions, DEFAULT_LEVELS};
+use pare::plan::sparsify::{self, Criterion, SparsityPlan, WriteOptions, DEFAULT_LEVELS};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,6 +22,11 @@ pub struct Args {
     /// Fraction of each layer's FFN neurons that are hot (always computed, no per-neuron test).
     #[arg(long, default_value_t = 0.1)]
     hot: f32,
+    /// What the thresholds test: `activation` tests each |x| entering gate/up and each neuron's
+    /// |activation| alone (TEAL); `weighted` multiplies them by the norm of the weight column
+    /// they meet (WINA; on SmolLM2-135M it was slightly worse, see BENCHMARKS).
+    #[arg(long, value_enum, default_value_t = CriterionArg::Activation)]
+    criterion: CriterionArg,
     /// Sparsity levels to calibrate, comma-separated, increasing within (0, 1).
     #[arg(long, value_delimiter = ',')]
     levels: Option<Vec<f32>>,
@@ -55,6 +60,12 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CriterionArg {
+    Weighted,
+    Activation,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -98,10 +109,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.calib.display()))?;
     let tokens = model.tokenizer()?.encode(&text, true, false)?;
     let pb = bar("calibration chunks");
-    let stats = sparsify::collect_stats(&model, &tokens, a.ctx, Some(a.chunks), |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    });
+    let criterion = match a.criterion {
+        CriterionArg::Weighted => Criterion::Weighted,
+        CriterionArg::Activation => Criterion::Activation,
+    };
+    let stats = sparsify::collect_stats(
+        &model,
+        &tokens,
+        a.ctx,
+        Some(a.chunks),
+        criterion,
+        |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    );
     pb.finish_and_clear();
     let stats = stats?;
     anyhow::ensure!(

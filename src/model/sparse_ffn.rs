@@ -31,7 +31,7 @@ use crate::format::Gguf;
 use crate::parallel::DisjointMut;
 use crate::plan::sparsify::{keys, tg_name, FFN, VERSION};
 use crate::quant::activation::Q8Acts;
-use crate::quant::kernels::sparse::{bytes_read, product, Active};
+use crate::quant::kernels::sparse::{bytes_read, product, Active, Keep};
 use crate::quant::kernels::{self};
 use crate::quant::matmul::WeightBytes;
 use crate::quant::transposed::{Layout, TgMatrix};
@@ -44,11 +44,43 @@ pub struct SparseLayer {
     pub gate: TgMatrix,
     pub up: TgMatrix,
     pub down: TgMatrix,
-    /// Per neuron: whether it is hot (read whenever its activation is not 0).
-    pub hot: Vec<bool>,
+    /// Hot neurons and the weights of the threshold tests.
+    pub rule: SkipRule,
     /// Per stored level.
     pub input_thresholds: Vec<f32>,
     pub neuron_thresholds: Vec<f32>,
+}
+
+/// What a layer's thresholds are compared with: which neurons are hot (read whenever their
+/// activation is not 0), and the weight each |value| is multiplied by before the test, per input
+/// of gate/up and per neuron of down (the norm of the weights it meets, see
+/// [`crate::plan::sparsify`]; empty: 1, the plain |activation| test of files calibrated without
+/// weights).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SkipRule {
+    pub hot: Vec<bool>,
+    pub input_scale: Vec<f32>,
+    pub neuron_scale: Vec<f32>,
+}
+
+impl SkipRule {
+    /// The test of gate/up's inputs at threshold `t`.
+    pub fn inputs(&self, t: f32) -> Keep<'_> {
+        Keep {
+            t,
+            hot: &[],
+            scale: &self.input_scale,
+        }
+    }
+
+    /// The test of down's inputs (the neurons) at threshold `t`.
+    pub fn neurons(&self, t: f32) -> Keep<'_> {
+        Keep {
+            t,
+            hot: &self.hot,
+            scale: &self.neuron_scale,
+        }
+    }
 }
 
 /// Bytes the sparse path read, against what a dense pass over the same copies reads.
@@ -80,6 +112,14 @@ pub struct SparseFfn {
     token_layers: AtomicU64,
     bytes_read: AtomicU64,
     bytes_dense: AtomicU64,
+}
+
+/// The f32 array at `key`, of `len` values (or none when `optional` and absent).
+fn f32_array_or_none(g: &Gguf, key: &str, len: usize, optional: bool) -> Result<Vec<f32>> {
+    if optional && g.get(key).is_none() {
+        return Ok(Vec::new());
+    }
+    f32_array(g, key, len)
 }
 
 fn f32_array(g: &Gguf, key: &str, len: usize) -> Result<Vec<f32>> {
@@ -161,7 +201,21 @@ impl SparseFfn {
                     gate: gate?,
                     up: up?,
                     down: down?,
-                    hot,
+                    rule: SkipRule {
+                        hot,
+                        input_scale: f32_array_or_none(
+                            g,
+                            &keys::layer(l, keys::INPUT_SCALE),
+                            d,
+                            true,
+                        )?,
+                        neuron_scale: f32_array_or_none(
+                            g,
+                            &keys::layer(l, keys::NEURON_SCALE),
+                            ff,
+                            true,
+                        )?,
+                    },
                     input_thresholds: f32_array(
                         g,
                         &keys::layer(l, keys::INPUT_THRESHOLDS),
@@ -264,7 +318,8 @@ impl SparseFfn {
             for (x, o) in xn.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
                 // The dense path's 8-bit activations, restricted to the active inputs.
                 b.q8.quantize(x, 1, d);
-                b.act.build_thresholded(&b.q8.row(0), d, x, t_in, None);
+                b.act
+                    .build_thresholded(&b.q8.row(0), d, x, layer.rule.inputs(t_in));
                 let mut read =
                     bytes_read(&layer.gate.layout, &b.act) + bytes_read(&layer.up.layout, &b.act);
                 b.y.clear();
@@ -278,7 +333,7 @@ impl SparseFfn {
                 ops::swiglu(gate, up);
                 b.q8.quantize(gate, 1, ff);
                 b.act
-                    .build_thresholded(&b.q8.row(0), ff, gate, t_neu, Some(&layer.hot));
+                    .build_thresholded(&b.q8.row(0), ff, gate, layer.rule.neurons(t_neu));
                 read += bytes_read(&layer.down.layout, &b.act);
                 products(&mut [(&layer.down, o)], &b.act, &mut b.parts);
                 self.token_layers.fetch_add(1, Relaxed);
@@ -289,8 +344,8 @@ impl SparseFfn {
     }
 }
 
-/// Sparse FFN execution simulated on the dense path: inputs with |x| ≤ the layer's input
-/// threshold are zeroed before gate/up, cold neurons with |a| ≤ the neuron threshold before down.
+/// Sparse FFN execution simulated on the dense path: the inputs of gate/up and the neurons of down
+/// that the layer's [`SkipRule`] does not keep at its thresholds are zeroed.
 /// The sparse path quantizes a whole row to 8 bits and then leaves inputs out; zeroing them first
 /// gives the same 8-bit values for the inputs that stay (a block's scale comes from its largest
 /// |x|, which a threshold under it never zeroes, and a block zeroed entirely contributes nothing
@@ -301,37 +356,37 @@ impl SparseFfn {
 pub struct FfnMask {
     /// Per layer: `(input threshold, neuron threshold)`, or `None` for a dense layer.
     pub thresholds: Vec<Option<(f32, f32)>>,
-    /// Per layer and neuron: hot (never skipped), as in [`SparseLayer::hot`].
-    pub hot: Arc<Vec<Vec<bool>>>,
+    /// Per layer, as in [`SparseLayer::rule`].
+    pub rules: Arc<Vec<SkipRule>>,
 }
 
 impl FfnMask {
     /// Zeroes the inputs of layer `l`'s gate/up that the sparse path would skip (`x`: rows of
     /// `n_embd`).
     pub fn mask_inputs(&self, l: usize, x: &mut [f32]) {
-        if let Some(Some((t, _))) = self.thresholds.get(l) {
-            for v in x.iter_mut() {
-                if v.abs() <= *t {
-                    *v = 0.0;
-                }
-            }
+        if let (Some(Some((t, _))), Some(r)) = (self.thresholds.get(l), self.rules.get(l)) {
+            zero_skipped(x, r.inputs(*t));
         }
     }
 
     /// Zeroes the neuron activations of layer `l` (rows of `n_ff`) that the sparse path would
     /// skip in down.
     pub fn mask_neurons(&self, l: usize, a: &mut [f32]) {
-        let (Some(Some((_, t))), Some(hot)) = (self.thresholds.get(l), self.hot.get(l)) else {
-            return;
-        };
-        if hot.is_empty() {
-            return;
+        if let (Some(Some((_, t))), Some(r)) = (self.thresholds.get(l), self.rules.get(l)) {
+            zero_skipped(a, r.neurons(*t));
         }
-        for row in a.chunks_exact_mut(hot.len()) {
-            for (v, &h) in row.iter_mut().zip(hot) {
-                if !h && v.abs() <= *t {
-                    *v = 0.0;
-                }
+    }
+}
+
+/// Zeroes the values of each row (of the rule's length; any length when it has no per-input
+/// parts) that `rule` does not keep.
+fn zero_skipped(x: &mut [f32], rule: Keep) {
+    let n = rule.hot.len().max(rule.scale.len());
+    let n = if n == 0 { x.len() } else { n };
+    for row in x.chunks_exact_mut(n) {
+        for (j, v) in row.iter_mut().enumerate() {
+            if !rule.keeps(j, *v) {
+                *v = 0.0;
             }
         }
     }

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::model::sparse_ffn::FfnMask;
+use crate::model::sparse_ffn::{FfnMask, SkipRule};
 use crate::model::{Batch, Logits, Model, State};
 use crate::plan::sparsify::{energy_below, LayerBytes, NeuronStats, SparsityPlan};
 
@@ -130,20 +130,9 @@ pub struct Options {
     pub energy_interpolation: bool,
 }
 
-/// Per layer, which neurons are hot in `plan`.
-pub fn hot_sets(plan: &SparsityPlan) -> Arc<Vec<Vec<bool>>> {
-    Arc::new(
-        plan.layers
-            .iter()
-            .map(|lp| {
-                let mut hot = vec![false; lp.perm.len()];
-                for &j in &lp.perm[..lp.n_hot] {
-                    hot[j as usize] = true;
-                }
-                hot
-            })
-            .collect(),
-    )
+/// Per layer, the rule the sparse path applies with `plan`'s thresholds.
+pub fn rules(plan: &SparsityPlan) -> Arc<Vec<SkipRule>> {
+    Arc::new(plan.layers.iter().map(|lp| lp.rule()).collect())
 }
 
 /// The dense model on one chunk: each layer's input and the log-probabilities at every position.
@@ -292,7 +281,7 @@ pub fn measure_curves(
         )));
     }
     let chunks = chunks_of(tokens, opts.n_ctx, opts.chunks)?;
-    let hot = hot_sets(plan);
+    let rules = rules(plan);
     let units = [Unit::Inputs, Unit::Neurons];
     let mut curves: Vec<Curve> = (0..n_layer)
         .flat_map(|l| {
@@ -359,7 +348,7 @@ pub fn measure_curves(
                     thresholds[l] = Some((t_in, t_neu));
                     let mask = Arc::new(FfnMask {
                         thresholds,
-                        hot: hot.clone(),
+                        rules: rules.clone(),
                     });
                     let kl = masked_kl(model, &mut state, &reference, chunk, Some(mask))?;
                     curve.kl[k] += kl / chunks.len() as f64;
@@ -534,7 +523,7 @@ pub fn levels_kl(
                 .iter()
                 .map(|lp| Some((lp.input_thresholds[k], lp.neuron_thresholds[k])))
                 .collect(),
-            hot: hot_sets(plan),
+            rules: rules(plan),
         }));
     }
     let chunks = chunks_of(tokens, n_ctx, chunks)?;

@@ -48,6 +48,7 @@ use crate::convert::Source;
 use crate::error::{Error, Result};
 use crate::format::gguf::Value;
 use crate::format::gguf_writer::{self, GgufWriter, TensorSpec};
+use crate::model::sparse_ffn::SkipRule;
 use crate::model::{Config, Logits, Model, Observer, State};
 use crate::plot::{Chart, Series, Style};
 use crate::quant::matmul::QMatrix;
@@ -85,6 +86,11 @@ pub mod keys {
     pub const ALLOCATION: &str = "pare.sparse.allocation";
     pub const INPUT_SKIP: &str = "input_skip";
     pub const NEURON_SKIP: &str = "neuron_skip";
+    /// Per layer, the weight of each input's |x| (`n_embd` values) and of each neuron's
+    /// |activation| (`n_ff`) in the threshold tests; absent: 1 (files calibrated on |value|
+    /// alone).
+    pub const INPUT_SCALE: &str = "input_scale";
+    pub const NEURON_SCALE: &str = "neuron_scale";
 }
 
 /// The version of the sparse layout and metadata this build writes and reads (1: re-quantized
@@ -186,6 +192,71 @@ pub struct NeuronStats {
     pub tokens: usize,
     pub n_ff: usize,
     pub layers: Vec<LayerStats>,
+    /// Per layer, the weights the histogrammed values were multiplied by (empty: none).
+    pub scales: Vec<Scales>,
+}
+
+/// What the threshold tests compare: |value| alone, or |value| times the norm of the weights it
+/// multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Criterion {
+    /// |x| for gate/up's inputs, |activation| for down's (TEAL).
+    #[default]
+    Activation,
+    /// |x_j|·‖(W_gate; W_up)[:, j]‖ and |a_i|·‖W_down[:, i]‖ (WINA): skipping a value drops
+    /// its column of the product, whose size is the value times the column's norm, so two equal
+    /// values meeting columns of different norms are not equally safe to skip. On SmolLM2-135M
+    /// (Q4_1) it skipped slightly worse than `Activation` (BENCHMARKS, session 6).
+    Weighted,
+}
+
+/// Per layer: the weight of each gate/up input's |x| and each neuron's |activation| in the
+/// threshold tests (empty: 1).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scales {
+    pub input: Vec<f32>,
+    pub neuron: Vec<f32>,
+}
+
+/// Per layer, the column norms of `[W_gate; W_up]` (one per input) and of `W_down` (one per
+/// neuron), each vector divided by its root mean square, so that a weighted value stays on the
+/// scale of the plain one.
+pub fn column_norms(model: &Model) -> Result<Vec<Scales>> {
+    fn sq_norms(ws: &[&QMatrix]) -> Result<Vec<f32>> {
+        let cols = ws[0].cols;
+        let mut acc = vec![0f64; cols];
+        let mut row = vec![0f32; cols];
+        for w in ws {
+            for r in 0..w.rows {
+                w.dequantize_row(r, &mut row)?;
+                for (a, &v) in acc.iter_mut().zip(&row) {
+                    *a += (v as f64) * (v as f64);
+                }
+            }
+        }
+        let rms = (acc.iter().sum::<f64>() / cols.max(1) as f64).sqrt();
+        Ok(acc
+            .iter()
+            .map(|&a| {
+                if rms > 0.0 {
+                    (a.sqrt() / rms) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect())
+    }
+    model
+        .weights
+        .layers
+        .iter()
+        .map(|lw| {
+            Ok(Scales {
+                input: sq_norms(&[&lw.gate, &lw.up])?,
+                neuron: sq_norms(&[&lw.down])?,
+            })
+        })
+        .collect()
 }
 
 /// Which FFN product a matrix is, by its llama.cpp name.
@@ -203,6 +274,17 @@ fn ffn_role(name: &str) -> Option<(usize, bool)> {
 struct Collector {
     n_ff: usize,
     layers: Vec<Mutex<LayerStats>>,
+    scales: Vec<Scales>,
+}
+
+/// `|v|·scale[j]`, as [`crate::quant::kernels::sparse::Keep`] computes it (empty `scale`: `|v|`).
+#[inline]
+fn weighted(v: f32, scale: &[f32], j: usize) -> f32 {
+    if scale.is_empty() {
+        v.abs()
+    } else {
+        v.abs() * scale[j]
+    }
 }
 
 impl Observer for Collector {
@@ -213,28 +295,39 @@ impl Observer for Collector {
         let Some(layer) = self.layers.get(l) else {
             return;
         };
+        let none = Scales::default();
+        let sc = self.scales.get(l).unwrap_or(&none);
         let mut s = layer.lock().unwrap_or_else(|p| p.into_inner());
         if down {
             for row in x.chunks_exact(self.n_ff) {
                 for (j, &v) in row.iter().enumerate() {
-                    s.neuron_hist[j * BINS + bin(v)] += 1;
+                    s.neuron_hist[j * BINS + bin(weighted(v, &sc.neuron, j))] += 1;
                 }
             }
         } else {
-            for &v in x {
-                s.input_hist[bin(v)] += 1;
+            let n = if sc.input.is_empty() {
+                x.len()
+            } else {
+                sc.input.len()
+            };
+            for row in x.chunks_exact(n.max(1)) {
+                for (j, &v) in row.iter().enumerate() {
+                    s.input_hist[bin(weighted(v, &sc.input, j))] += 1;
+                }
             }
         }
     }
 }
 
 /// Runs `tokens` through `model` (dense) in chunks of `n_ctx` tokens, each from an empty context,
-/// at most `max_chunks` of them, and collects the statistics. `progress(done, total)` after each.
+/// at most `max_chunks` of them, and collects the statistics of the values `criterion` tests.
+/// `progress(done, total)` after each.
 pub fn collect_stats(
     model: &Model,
     tokens: &[u32],
     n_ctx: usize,
     max_chunks: Option<usize>,
+    criterion: Criterion,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<NeuronStats> {
     let c = &model.config;
@@ -245,11 +338,16 @@ pub fn collect_stats(
             tokens.len()
         )));
     }
+    let scales = match criterion {
+        Criterion::Activation => vec![Scales::default(); c.n_layer],
+        Criterion::Weighted => column_norms(model)?,
+    };
     let collector = Arc::new(Collector {
         n_ff: c.n_ff,
         layers: (0..c.n_layer)
             .map(|_| Mutex::new(LayerStats::new(c.n_ff)))
             .collect(),
+        scales,
     });
     let mut state = State::new(model, n_ctx)?;
     state.observer = Some(collector.clone());
@@ -269,6 +367,7 @@ pub fn collect_stats(
             .into_iter()
             .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
             .collect(),
+        scales: collector.scales,
     })
 }
 
@@ -291,9 +390,24 @@ pub struct LayerPlan {
     pub input_skip: Vec<f32>,
     /// Per level: the planned fraction of the layer's `n_ff` neurons skipped in down.
     pub neuron_skip: Vec<f32>,
+    /// The weights of |x| and |activation| in the tests the thresholds are for.
+    pub scales: Scales,
 }
 
 impl LayerPlan {
+    /// The rule the sparse path applies with this plan's thresholds.
+    pub fn rule(&self) -> SkipRule {
+        let mut hot = vec![false; self.perm.len()];
+        for &j in &self.perm[..self.n_hot] {
+            hot[j as usize] = true;
+        }
+        SkipRule {
+            hot,
+            input_scale: self.scales.input.clone(),
+            neuron_scale: self.scales.neuron.clone(),
+        }
+    }
+
     /// The cold neurons' |activation| histogram, pooled.
     pub fn cold_hist(&self, ls: &LayerStats) -> Vec<u64> {
         let mut cold = vec![0u64; BINS];
@@ -379,11 +493,17 @@ impl SparsityPlan {
         }
         let n_ff = stats.n_ff;
         let n_hot = ((hot_fraction as f64 * n_ff as f64).round() as usize).min(n_ff);
+        if stats.scales.len() != stats.layers.len() {
+            return Err(Error::Invalid(
+                "the statistics need one set of scales per layer".into(),
+            ));
+        }
         let layers = stats
             .layers
             .iter()
+            .zip(&stats.scales)
             .zip(shares)
-            .map(|(ls, &(share_in, share_dn))| {
+            .map(|((ls, scales), &(share_in, share_dn))| {
                 let mut pooled = vec![0u64; BINS];
                 for j in 0..n_ff {
                     for (p, &c) in pooled.iter_mut().zip(ls.neuron(j)) {
@@ -419,6 +539,7 @@ impl SparsityPlan {
                     neuron_thresholds: Vec::new(),
                     input_skip: Vec::new(),
                     neuron_skip: Vec::new(),
+                    scales: scales.clone(),
                 };
                 // Uniform: every layer skips S of its gate/up bytes and S of its down bytes, so
                 // S/c of the inputs where codes are a share c of the bytes.
@@ -510,6 +631,12 @@ impl SparsityPlan {
             ));
             m.push((keys::layer(l, keys::INPUT_SKIP), f32s(&lp.input_skip)));
             m.push((keys::layer(l, keys::NEURON_SKIP), f32s(&lp.neuron_skip)));
+            if !lp.scales.input.is_empty() {
+                m.push((keys::layer(l, keys::INPUT_SCALE), f32s(&lp.scales.input)));
+            }
+            if !lp.scales.neuron.is_empty() {
+                m.push((keys::layer(l, keys::NEURON_SCALE), f32s(&lp.scales.neuron)));
+            }
             m.push((
                 keys::layer(l, keys::PERMUTATION),
                 Value::Array(lp.perm.iter().map(|&p| Value::U32(p)).collect()),
@@ -830,6 +957,7 @@ mod tests {
             tokens: tokens as usize,
             n_ff,
             layers: vec![ls],
+            scales: vec![Scales::default()],
         };
         let plan = SparsityPlan::new(&stats, 0.25, &[0.25, 0.5], &[(1.0, 1.0)]).unwrap();
         let lp = &plan.layers[0];

@@ -54,6 +54,37 @@ pub struct Block {
     pub quads: Range<u32>,
 }
 
+/// Which inputs a threshold keeps: input `j` with value `v` is kept when it is hot or when
+/// `|v|·scale[j] > t` (an empty `hot`: no input is hot; an empty `scale`: every weight 1, the
+/// plain |activation| test). The sparse FFN's weight-aware rule scales each |value| by the norm
+/// of the weights it multiplies (see [`crate::plan::sparsify`]). Both the sparse path and its
+/// dense-path simulation decide with [`Keep::keeps`]' arithmetic, so they skip the same inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Keep<'a> {
+    pub t: f32,
+    pub hot: &'a [bool],
+    pub scale: &'a [f32],
+}
+
+impl Keep<'_> {
+    /// Whether input `j` of value `v` is kept.
+    #[inline]
+    pub fn keeps(&self, j: usize, v: f32) -> bool {
+        self.hot.get(j).is_some_and(|&h| h)
+            || if self.scale.is_empty() {
+                v.abs() > self.t
+            } else {
+                v.abs() * self.scale[j] > self.t
+            }
+    }
+
+    /// Whether the rule covers `n` inputs.
+    pub fn fits(&self, n: usize) -> bool {
+        (self.hot.is_empty() || self.hot.len() >= n)
+            && (self.scale.is_empty() || self.scale.len() >= n)
+    }
+}
+
 /// The active inputs of one activation vector.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Active {
@@ -74,25 +105,25 @@ impl Active {
         });
     }
 
-    /// [`Active::build`] with `keep(j) = hot[j] || |v[j]| > t` (`hot` absent: no input is hot),
-    /// as the sparse FFN chooses its inputs, without a branch per input (the per-input test is
-    /// taken about half the time at the useful levels, and mispredicted as often).
-    pub fn build_thresholded(
-        &mut self,
-        x: &Q8Row,
-        n_in: usize,
-        v: &[f32],
-        t: f32,
-        hot: Option<&[bool]>,
-    ) {
-        assert!(v.len() >= n_in && hot.is_none_or(|h| h.len() >= n_in));
+    /// [`Active::build`] with `keep(j) = rule.keeps(j, v[j])`, as the sparse FFN chooses its
+    /// inputs, without a branch per input (the per-input test is taken about half the time at the
+    /// useful levels, and mispredicted as often).
+    pub fn build_thresholded(&mut self, x: &Q8Row, n_in: usize, v: &[f32], rule: Keep) {
+        assert!(v.len() >= n_in && rule.fits(n_in));
+        let Keep { t, hot, scale } = rule;
         self.build_by_mask(x, n_in, |lo, hi| {
             let mut mask = 0u32;
-            for (i, &x) in v[lo..hi].iter().enumerate() {
-                mask |= u32::from(x.abs() > t) << i;
+            if scale.is_empty() {
+                for (i, &x) in v[lo..hi].iter().enumerate() {
+                    mask |= u32::from(x.abs() > t) << i;
+                }
+            } else {
+                for (i, (&x, &s)) in v[lo..hi].iter().zip(&scale[lo..hi]).enumerate() {
+                    mask |= u32::from(x.abs() * s > t) << i;
+                }
             }
-            if let Some(h) = hot {
-                for (i, &h) in h[lo..hi].iter().enumerate() {
+            if !hot.is_empty() {
+                for (i, &h) in hot[lo..hi].iter().enumerate() {
                     mask |= u32::from(h) << i;
                 }
             }
@@ -381,13 +412,25 @@ mod tests {
                 isum: &isum,
                 qs: &qs,
             };
-            // Thresholds from none skipped to all skipped, with and without hot inputs.
+            let scale: Vec<f32> = (0..n).map(|_| (next() % 3000) as f32 / 1000.0).collect();
+            // Thresholds from none skipped to all skipped, with and without hot inputs and
+            // weights.
             for t in [-1.0f32, 0.0, 0.3, 0.7, 2.0] {
-                for h in [None, Some(hot.as_slice())] {
-                    let (mut a, mut b) = (Active::default(), Active::default());
-                    a.build(&x, n, |j| h.is_some_and(|h| h[j]) || v[j].abs() > t);
-                    b.build_thresholded(&x, n, &v, t, h);
-                    assert_eq!(a, b, "n {n} t {t} hot {}", h.is_some());
+                for h in [&[][..], &hot] {
+                    for s in [&[][..], &scale] {
+                        let (mut a, mut b) = (Active::default(), Active::default());
+                        let w = |j: usize| if s.is_empty() { 1.0 } else { s[j] };
+                        let want = |j: usize| h.get(j) == Some(&true) || v[j].abs() * w(j) > t;
+                        a.build(&x, n, want);
+                        let rule = Keep {
+                            t,
+                            hot: h,
+                            scale: s,
+                        };
+                        b.build_thresholded(&x, n, &v, rule);
+                        assert_eq!(a, b, "n {n} t {t} hot {} scale {}", h.len(), s.len());
+                        assert!((0..n).all(|j| rule.keeps(j, v[j]) == want(j)));
+                    }
                 }
             }
         }
