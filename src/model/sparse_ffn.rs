@@ -322,7 +322,7 @@ impl SparseFfn {
                     .build_thresholded(&b.q8.row(0), d, x, layer.rule.inputs(t_in));
                 let mut read =
                     bytes_read(&layer.gate.layout, &b.act) + bytes_read(&layer.up.layout, &b.act);
-                b.y.clear();
+                // Every output is written by `products`.
                 b.y.resize(2 * ff, 0.0);
                 let (gate, up) = b.y.split_at_mut(ff);
                 products(
@@ -459,8 +459,10 @@ fn products(jobs: &mut [(&TgMatrix, &mut [f32])], act: &Active, parts: &mut Part
             len += w.layout.n_out;
         }
     }
-    parts.sums.clear();
-    parts.sums.resize(len, 0.0);
+    // Every part writes all its partial sums (no need to clear them).
+    if parts.sums.len() < len {
+        parts.sums.resize(len, 0.0);
+    }
     let sums = DisjointMut::new(&mut parts.sums);
     let acts = &parts.acts;
     let mats: Vec<&TgMatrix> = jobs.iter().map(|(w, _)| *w).collect();

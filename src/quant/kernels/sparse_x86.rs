@@ -513,6 +513,9 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
             // `ys`: the outputs, in order; `gs`: a group's sums per tile, in the lanes of `vpunpck*`
             // within 128-bit halves (outputs [0-3 | 16-19], [4-7 | 20-23], [8-11 | 24-27],
             // [12-15 | 28-31]), put in order once per group.
+            // The 16-bit sums start at 0 and are set back to 0 as each block's are widened.
+            accs.clear();
+            accs.resize(4 * tiles, _mm256_setzero_si256());
             let (ys, gs) = scratch.split_at_mut(tiles * CHUNK);
             let (ys, gs) = (ys.as_mut_ptr(), gs.as_mut_ptr());
             let blocks = &act.blocks;
@@ -530,8 +533,6 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                     let s = _mm256_set1_ps(b.d);
                     // a·b pairs of outputs [0-7 | 16-23] and [8-15 | 24-31], then c·d pairs, per
                     // tile; quads outside, so each quad reads four sequential runs.
-                    accs.clear();
-                    accs.resize(4 * tiles, _mm256_setzero_si256());
                     for k in b.quads.start as usize..b.quads.end as usize {
                         let (off, quad) = (offs.get_unchecked(k), act.quads.get_unchecked(k));
                         let qab = _mm256_set1_epi16(quad.q as i16);
@@ -571,7 +572,10 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                         }
                     }
                     for t in 0..tiles {
-                        let acc = accs.get_unchecked(4 * t..4 * t + 4);
+                        let acc: [__m256i; 4] =
+                            std::array::from_fn(|i| *accs.get_unchecked(4 * t + i));
+                        accs.get_unchecked_mut(4 * t..4 * t + 4)
+                            .fill(_mm256_setzero_si256());
                         // Each output's a·b and c·d sums side by side, added into 32 bits.
                         let wide = [
                             _mm256_madd_epi16(_mm256_unpacklo_epi16(acc[0], acc[2]), ones),
@@ -579,6 +583,28 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                             _mm256_madd_epi16(_mm256_unpacklo_epi16(acc[1], acc[3]), ones),
                             _mm256_madd_epi16(_mm256_unpackhi_epi16(acc[1], acc[3]), ones),
                         ];
+                        if g == QK8 {
+                            // A group of one block: its scales apply now, with no group sums
+                            // stored and loaded back (the shipped Q4_1/Q4_0/Q8_0 models).
+                            let gacc =
+                                in_order(wide.map(|w| _mm256_mul_ps(s, _mm256_cvtepi32_ps(w))));
+                            let yp = ys.add(t * CHUNK);
+                            let mut yv: [__m256; 4] =
+                                std::array::from_fn(|i| _mm256_loadu_ps(yp.add(8 * i)));
+                            flush256::<SYM>(
+                                l,
+                                tg.as_ptr(),
+                                gi,
+                                outs.start + t * CHUNK,
+                                &gacc,
+                                b.qsum,
+                                &mut yv,
+                            );
+                            for (i, v) in yv.iter().enumerate() {
+                                _mm256_storeu_ps(yp.add(8 * i), *v);
+                            }
+                            continue;
+                        }
                         let gp = gs.add(t * CHUNK);
                         for (i, w) in wide.into_iter().enumerate() {
                             let v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(w));
@@ -591,6 +617,10 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                         }
                     }
                     gq += b.qsum;
+                }
+                if g == QK8 {
+                    first = end;
+                    continue;
                 }
                 for t in 0..tiles {
                     let (gp, yp) = (gs.add(t * CHUNK), ys.add(t * CHUNK));
