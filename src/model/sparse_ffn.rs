@@ -114,12 +114,12 @@ pub struct SparseFfn {
     bytes_dense: AtomicU64,
 }
 
-/// The f32 array at `key`, of `len` values (or none when `optional` and absent).
-fn f32_array_or_none(g: &Gguf, key: &str, len: usize, optional: bool) -> Result<Vec<f32>> {
-    if optional && g.get(key).is_none() {
-        return Ok(Vec::new());
+/// The f32 array at `key`, of `len` values, or an empty one when the key is absent.
+fn optional_f32_array(g: &Gguf, key: &str, len: usize) -> Result<Vec<f32>> {
+    match g.get(key) {
+        None => Ok(Vec::new()),
+        Some(_) => f32_array(g, key, len),
     }
-    f32_array(g, key, len)
 }
 
 fn f32_array(g: &Gguf, key: &str, len: usize) -> Result<Vec<f32>> {
@@ -168,6 +168,7 @@ impl SparseFfn {
         let (d, ff) = (c.n_embd, c.n_ff);
         let layers = (0..c.n_layer)
             .map(|l| {
+                let key = |what: &str| keys::layer(l, what);
                 let n_hot = g
                     .get_u64(&keys::layer(l, keys::N_HOT))
                     .filter(|&h| h as usize <= ff)
@@ -203,29 +204,11 @@ impl SparseFfn {
                     down: down?,
                     rule: SkipRule {
                         hot,
-                        input_scale: f32_array_or_none(
-                            g,
-                            &keys::layer(l, keys::INPUT_SCALE),
-                            d,
-                            true,
-                        )?,
-                        neuron_scale: f32_array_or_none(
-                            g,
-                            &keys::layer(l, keys::NEURON_SCALE),
-                            ff,
-                            true,
-                        )?,
+                        input_scale: optional_f32_array(g, &key(keys::INPUT_SCALE), d)?,
+                        neuron_scale: optional_f32_array(g, &key(keys::NEURON_SCALE), ff)?,
                     },
-                    input_thresholds: f32_array(
-                        g,
-                        &keys::layer(l, keys::INPUT_THRESHOLDS),
-                        n_levels,
-                    )?,
-                    neuron_thresholds: f32_array(
-                        g,
-                        &keys::layer(l, keys::NEURON_THRESHOLDS),
-                        n_levels,
-                    )?,
+                    input_thresholds: f32_array(g, &key(keys::INPUT_THRESHOLDS), n_levels)?,
+                    neuron_thresholds: f32_array(g, &key(keys::NEURON_THRESHOLDS), n_levels)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

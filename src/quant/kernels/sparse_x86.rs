@@ -588,21 +588,16 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                             // stored and loaded back (the shipped Q4_1/Q4_0/Q8_0 models).
                             let gacc =
                                 in_order(wide.map(|w| _mm256_mul_ps(s, _mm256_cvtepi32_ps(w))));
-                            let yp = ys.add(t * CHUNK);
-                            let mut yv: [__m256; 4] =
-                                std::array::from_fn(|i| _mm256_loadu_ps(yp.add(8 * i)));
-                            flush256::<SYM>(
+                            let o = outs.start + t * CHUNK;
+                            flush_to::<SYM>(
                                 l,
                                 tg.as_ptr(),
                                 gi,
-                                outs.start + t * CHUNK,
+                                o,
                                 &gacc,
                                 b.qsum,
-                                &mut yv,
+                                ys.add(t * CHUNK),
                             );
-                            for (i, v) in yv.iter().enumerate() {
-                                _mm256_storeu_ps(yp.add(8 * i), *v);
-                            }
                             continue;
                         }
                         let gp = gs.add(t * CHUNK);
@@ -623,28 +618,34 @@ unsafe fn columns256<const BITS: u32, const SYM: bool>(
                     continue;
                 }
                 for t in 0..tiles {
-                    let (gp, yp) = (gs.add(t * CHUNK), ys.add(t * CHUNK));
+                    let gp = gs.add(t * CHUNK);
                     let gacc = in_order(std::array::from_fn(|i| _mm256_loadu_ps(gp.add(8 * i))));
-                    let mut yv: [__m256; 4] =
-                        std::array::from_fn(|i| _mm256_loadu_ps(yp.add(8 * i)));
-                    flush256::<SYM>(
-                        l,
-                        tg.as_ptr(),
-                        gi,
-                        outs.start + t * CHUNK,
-                        &gacc,
-                        gq,
-                        &mut yv,
-                    );
-                    for (i, v) in yv.iter().enumerate() {
-                        _mm256_storeu_ps(yp.add(8 * i), *v);
-                    }
+                    let o = outs.start + t * CHUNK;
+                    flush_to::<SYM>(l, tg.as_ptr(), gi, o, &gacc, gq, ys.add(t * CHUNK));
                 }
                 first = end;
             }
             std::ptr::copy_nonoverlapping(ys, y.as_mut_ptr(), y.len());
         })
     });
+}
+
+/// [`flush256`] on the 32 outputs stored at `yp` (loaded, flushed, stored back).
+#[inline(always)]
+unsafe fn flush_to<const SYM: bool>(
+    l: &Layout,
+    tg: *const u8,
+    gi: usize,
+    o: usize,
+    gacc: &[__m256; 4],
+    gq: f32,
+    yp: *mut f32,
+) {
+    let mut yv: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(yp.add(8 * i)));
+    flush256::<SYM>(l, tg, gi, o, gacc, gq, &mut yv);
+    for (i, v) in yv.iter().enumerate() {
+        _mm256_storeu_ps(yp.add(8 * i), *v);
+    }
 }
 
 /// [`columns256`]'s group sums of a tile (lanes as `vpunpck*` leave them) in output order.
