@@ -8,7 +8,8 @@
 //! pare's top token to equal llama.cpp's at every position, except where llama.cpp's token is
 //! within `NEAR_TIE` logits of pare's top; such positions are printed and at most three per prompt
 //! are allowed. Free-running greedy decoding must then reproduce llama.cpp's 32 tokens exactly on
-//! every prompt without a near-tie. (Measured on the AVX-512 path: 0.20 logits at most, and two
+//! every prompt without a near-tie, up to a first divergence that is itself a near-tie on the
+//! decode path (which sums in another order than the one-pass teacher forcing). (Measured on the AVX-512 path: 0.20 logits at most, and two
 //! prompts reproduced exactly; the scalar path sums in another order: up to 0.29.)
 
 mod common;
@@ -84,11 +85,33 @@ fn greedy_decoding_follows_llama_cpp() {
         .unwrap();
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         eprintln!("{name}: free-running greedy equals llama.cpp for {same}/32 tokens: {text:?}");
-        if ties == 0 {
-            assert_eq!(
-                got, want,
-                "{name}: no near-tie, yet greedy decoding differs"
+        if ties == 0 && got != want {
+            // Decoding token by token sums in another order than the one-pass teacher forcing
+            // above (8-bit activations of one row, not of a batch), so a position that was not
+            // a near-tie there may be one here: the first divergence must be a near-tie on the
+            // decode path itself.
+            let i = same;
+            let mut st = State::new(&model, prompt.len() + i + 1).unwrap();
+            model.forward(&mut st, &prompt, Logits::Last).unwrap();
+            for &t in &want[..i] {
+                model.forward(&mut st, &[t], Logits::Last).unwrap();
+            }
+            let row = &st.logits[..v];
+            assert_eq!(pare::infer::sampling::argmax(row) as u32, got[i]);
+            let margin = row[got[i] as usize] - row[want[i] as usize];
+            eprintln!(
+                "{name} token {i}: decoding near-tie, pare {} vs llama.cpp {} ({margin:.4})",
+                got[i], want[i]
             );
+            assert!(
+                margin < NEAR_TIE,
+                "{name}: no near-tie in teacher forcing, yet decoding prefers {} over llama.cpp's \
+                 {} at token {i} by {margin} logits",
+                got[i],
+                want[i]
+            );
+        }
+        if got == want {
             assert_eq!(
                 text,
                 case["generated_text"].as_str().unwrap(),
