@@ -9,8 +9,9 @@
 //! within `NEAR_TIE` logits of pare's top; such positions are printed and at most three per prompt
 //! are allowed. Free-running greedy decoding must then reproduce llama.cpp's 32 tokens exactly on
 //! every prompt without a near-tie, up to a first divergence that is itself a near-tie on the
-//! decode path (which sums in another order than the one-pass teacher forcing). (Measured on the AVX-512 path: 0.20 logits at most, and two
-//! prompts reproduced exactly; the scalar path sums in another order: up to 0.29.)
+//! decode path (which sums in another order than the one-pass teacher forcing). (Measured on the
+//! AVX-512 path: 0.20 logits at most, and two prompts reproduced exactly; the scalar path sums in
+//! another order: up to 0.29.)
 
 mod common;
 

@@ -51,6 +51,7 @@ use crate::format::gguf_writer::{self, GgufWriter, TensorSpec};
 use crate::model::sparse_ffn::SkipRule;
 use crate::model::{Config, Logits, Model, Observer, State};
 use crate::plot::{Chart, Series, Style};
+use crate::quant::kernels::sparse::weighted;
 use crate::quant::matmul::QMatrix;
 use crate::quant::transposed::Layout;
 use crate::quant::{format, GgmlType, Pq};
@@ -275,16 +276,6 @@ struct Collector {
     n_ff: usize,
     layers: Vec<Mutex<LayerStats>>,
     scales: Vec<Scales>,
-}
-
-/// `|v|·scale[j]`, as [`crate::quant::kernels::sparse::Keep`] computes it (empty `scale`: `|v|`).
-#[inline]
-fn weighted(v: f32, scale: &[f32], j: usize) -> f32 {
-    if scale.is_empty() {
-        v.abs()
-    } else {
-        v.abs() * scale[j]
-    }
 }
 
 impl Observer for Collector {

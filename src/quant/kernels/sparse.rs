@@ -66,16 +66,22 @@ pub struct Keep<'a> {
     pub scale: &'a [f32],
 }
 
+/// The value a [`Keep`] compares with its threshold: `|v|·scale[j]`, or `|v|` for an empty
+/// `scale`. Calibration histograms the same value ([`crate::plan::sparsify`]).
+#[inline]
+pub fn weighted(v: f32, scale: &[f32], j: usize) -> f32 {
+    if scale.is_empty() {
+        v.abs()
+    } else {
+        v.abs() * scale[j]
+    }
+}
+
 impl Keep<'_> {
     /// Whether input `j` of value `v` is kept.
     #[inline]
     pub fn keeps(&self, j: usize, v: f32) -> bool {
-        self.hot.get(j).is_some_and(|&h| h)
-            || if self.scale.is_empty() {
-                v.abs() > self.t
-            } else {
-                v.abs() * self.scale[j] > self.t
-            }
+        self.hot.get(j).is_some_and(|&h| h) || weighted(v, self.scale, j) > self.t
     }
 
     /// Whether the rule covers `n` inputs.
