@@ -4,7 +4,7 @@
 
 mod common;
 
-use pare::model::{Logits, Model, State};
+use pare::model::{KvType, Logits, Model, State};
 
 /// Runs pare on each token sequence from an empty cache; returns the logits of every position.
 fn pare_logits(model: &Model, cases: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
@@ -126,6 +126,12 @@ fn real_model_matches_numpy_reference() {
 }
 
 fn synthetic(arch: &str, ty: &str, tol: f32, exact: bool) {
+    synthetic_with(arch, ty, tol, exact, KvType::F32)
+}
+
+/// As [`synthetic`], on a cache of type `kv` (f32 above: only the products' rounding separates
+/// pare from float64 there).
+fn synthetic_with(arch: &str, ty: &str, tol: f32, exact: bool, kv: KvType) {
     let tie = if exact { 0.0 } else { tol };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{arch}-{ty}.gguf"));
@@ -143,13 +149,14 @@ fn synthetic(arch: &str, ty: &str, tol: f32, exact: bool) {
     );
     let mut model = Model::load(&path).unwrap();
     model.exact_activations = exact;
+    model.kv_type = kv;
     let cases = vec![
         vec![188, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100],
         (0..40).map(|i| (i * 37 + 11) % 256).collect(),
     ];
     let want = common::reference_logits(&path, &cases);
     compare(
-        &format!("synthetic {arch} {ty}"),
+        &format!("synthetic {arch} {ty} {kv:?} cache"),
         &pare_logits(&model, &cases),
         &want,
         tol,
@@ -160,7 +167,7 @@ fn synthetic(arch: &str, ty: &str, tol: f32, exact: bool) {
         .map(|c| incremental_logits(&model, c))
         .collect();
     compare(
-        &format!("synthetic {arch} {ty} one at a time"),
+        &format!("synthetic {arch} {ty} {kv:?} cache, one at a time"),
         &inc,
         &want,
         tol,
@@ -172,6 +179,9 @@ fn synthetic(arch: &str, ty: &str, tol: f32, exact: bool) {
 fn synthetic_qwen3_f32_matches_reference() {
     // Plain f32 weights: pare computes in f32, so only rounding separates it from float64.
     synthetic("qwen3", "f32", 1e-3, false);
+    // The default f16 cache rounds keys and values to 11 significant bits: logits of magnitude
+    // ~1 move by up to ~2e-3 (measured 1.9e-3).
+    synthetic_with("qwen3", "f32", 5e-3, false, KvType::F16);
 }
 
 #[test]
@@ -184,4 +194,6 @@ fn synthetic_qwen3_q8_0_matches_reference() {
 #[test]
 fn synthetic_llama_f16_matches_reference() {
     synthetic("llama", "f16", 1e-3, false);
+    // As for qwen3 f32 (measured 3.6e-3).
+    synthetic_with("llama", "f16", 1e-2, false, KvType::F16);
 }

@@ -52,6 +52,13 @@ enum Command {
     Tune(tune::Args),
 }
 
+/// `--kv-type`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvTypeArg {
+    F16,
+    F32,
+}
+
 /// Options every model-running command shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
@@ -65,6 +72,10 @@ pub struct Common {
     /// 8-bit activations.
     #[arg(long)]
     pub exact_activations: bool,
+    /// How the KV cache stores keys and values: f16 (half the memory and the bytes attention
+    /// reads, as llama.cpp's default) or f32. `--exact-activations` always uses f32.
+    #[arg(long, value_enum, default_value_t = KvTypeArg::F16)]
+    pub kv_type: KvTypeArg,
     /// Sparse FFN execution: the fraction of FFN weight bytes skipped per token (0 = dense). Needs
     /// a model written by `pare sparsify`.
     #[arg(long, default_value_t = 0.0)]
@@ -108,6 +119,10 @@ impl Common {
             pare::model::Model::load(&self.model)?
         };
         model.exact_activations = self.exact_activations;
+        model.kv_type = match self.kv_type {
+            KvTypeArg::F16 => pare::model::KvType::F16,
+            KvTypeArg::F32 => pare::model::KvType::F32,
+        };
         if self.sparse_path {
             model.set_sparse_path(self.sparsity)?;
         } else {

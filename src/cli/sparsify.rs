@@ -93,6 +93,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model: a.model.clone(),
         threads: a.threads,
         exact_activations: false,
+        kv_type: super::KvTypeArg::F16,
         sparsity: 0.0,
         sparse_path: false,
         lora: None,

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::config::Config;
-use super::kv_cache::KvCache;
+use super::kv_cache::{HeadKv, KvCache};
 use super::lora::Target;
 use super::ops;
 use super::sparse_ffn::FfnMask;
@@ -111,7 +111,7 @@ impl State {
             return Err(Error::Invalid("context size must be at least 1".into()));
         }
         Ok(State {
-            kv: KvCache::for_layers(&model.config, n_ctx, layers)?,
+            kv: KvCache::for_layers(&model.config, n_ctx, layers, model.cache_type())?,
             pos: 0,
             s: Scratch::new(&model.config, MAX_UBATCH.min(n_ctx)),
             logits: Vec::new(),
@@ -490,11 +490,9 @@ thread_local! {
 /// Causal multi-head attention with grouped KV heads for tokens at positions `p0..p0+n`, reading
 /// keys and values from the cache; one parallel task per (token, head).
 fn attention(c: &Config, kv: &KvCache, layer: usize, p0: usize, q: &[f32], out: &mut [f32]) {
-    let (hd, nh, kvd) = (c.head_dim, c.n_head, c.kv_dim());
+    let (hd, nh) = (c.head_dim, c.n_head);
     let group = c.n_head / c.n_head_kv;
     let n = q.len() / c.q_dim();
-    let keys = kv.keys(layer, p0 + n);
-    let values = kv.values(layer, p0 + n);
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = crate::parallel::DisjointMut::new(out);
     let isa = crate::quant::kernels::isa();
@@ -502,54 +500,116 @@ fn attention(c: &Config, kv: &KvCache, layer: usize, p0: usize, q: &[f32], out: 
         // SAFETY: task i writes only its own head_dim-sized slice of `out`.
         let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(i * hd), hd) };
         let (t, h) = (i / nh, i % nh);
-        let head = Head {
-            q: &q[t * c.q_dim() + h * hd..][..hd],
-            keys,
-            values,
-            stride: kvd,
-            offset: (h / group) * hd,
-            len: p0 + t + 1,
-            scale,
-        };
-        SCORES.with_borrow_mut(|sc| match isa {
-            // SAFETY: `isa` names only instruction sets the CPU has.
-            #[cfg(target_arch = "x86_64")]
-            crate::quant::kernels::Isa::Avx512 | crate::quant::kernels::Isa::Avx2 => unsafe {
-                head.attend_avx2(sc, o)
-            },
-            _ => head.attend(sc, o),
+        let q = &q[t * c.q_dim() + h * hd..][..hd];
+        SCORES.with_borrow_mut(|sc| match kv.head(layer, h / group, p0 + t + 1) {
+            HeadKv::F16 { k, v } => Head::new(q, k, v, scale).attend_with(isa, sc, o),
+            HeadKv::F32 { k, v } => Head::new(q, k, v, scale).attend_with(isa, sc, o),
         });
     });
 }
 
-/// One query head against the cached keys and values of its KV head.
-struct Head<'a> {
+/// A value type the KV cache stores: f32, or f16 (converted as it is read).
+trait KvValue: Copy {
+    fn to_f32(self) -> f32;
+
+    /// `Σ a[i] · b[i]`.
+    fn dot(a: &[f32], b: &[Self]) -> f32;
+
+    /// Eight values at `p` as f32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `p` must be valid for reads of eight values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        crate::quant::matmul::dot_f32(a, b)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvValue for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[half::f16]) -> f32 {
+        a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// One query head against the cached keys and values of its KV head (`len × head_dim` values
+/// each, position after position).
+struct Head<'a, T> {
     q: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
-    /// Floats between consecutive positions in `keys`/`values`, and this head's offset in them.
-    stride: usize,
-    offset: usize,
+    keys: &'a [T],
+    values: &'a [T],
     len: usize,
     scale: f32,
 }
 
-impl Head<'_> {
+impl<'a, T: KvValue> Head<'a, T> {
+    fn new(q: &'a [f32], keys: &'a [T], values: &'a [T], scale: f32) -> Self {
+        let len = keys.len() / q.len().max(1);
+        assert!(keys.len() == len * q.len() && values.len() == keys.len());
+        Head {
+            q,
+            keys,
+            values,
+            len,
+            scale,
+        }
+    }
+
+    /// Writes the head's output to `o` with the best code for `isa`; `sc` holds the scores.
+    #[inline(always)]
+    fn attend_with(&self, isa: crate::quant::kernels::Isa, sc: &mut Vec<f32>, o: &mut [f32]) {
+        match isa {
+            // SAFETY: `isa` names only instruction sets the CPU has (AVX2 comes with FMA and
+            // F16C in pare's detection).
+            #[cfg(target_arch = "x86_64")]
+            crate::quant::kernels::Isa::Avx512 | crate::quant::kernels::Isa::Avx2 => unsafe {
+                self.attend_avx2(sc, o)
+            },
+            _ => self.attend(sc, o),
+        }
+    }
+
     /// The plain code: the scalar path, and the reference of [`Head::attend_avx2`].
     #[inline(always)]
     fn attend(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
         let hd = self.q.len();
         sc.resize(self.len, 0.0);
         for (j, s) in sc.iter_mut().enumerate() {
-            let kj = &self.keys[j * self.stride + self.offset..][..hd];
-            *s = crate::quant::matmul::dot_f32(self.q, kj) * self.scale;
+            *s = T::dot(self.q, &self.keys[j * hd..][..hd]) * self.scale;
         }
         ops::softmax(sc);
         o.fill(0.0);
         for (j, &p) in sc.iter().enumerate() {
-            let vj = &self.values[j * self.stride + self.offset..][..hd];
-            for (oi, &vi) in o.iter_mut().zip(vj) {
-                *oi += p * vi;
+            for (oi, &vi) in o.iter_mut().zip(&self.values[j * hd..][..hd]) {
+                *oi += p * vi.to_f32();
             }
         }
     }
@@ -562,7 +622,7 @@ impl Head<'_> {
     /// time here at 128 tokens of context. Sums in another order than the plain code (tested
     /// against it within a tolerance).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn attend_avx2(&self, sc: &mut Vec<f32>, o: &mut [f32]) {
         use std::arch::x86_64::*;
         let hd = self.q.len();
@@ -570,17 +630,8 @@ impl Head<'_> {
             return self.attend(sc, o);
         }
         let n = self.len;
-        assert!(
-            n == 0
-                || (n - 1) * self.stride + self.offset + hd
-                    <= self.keys.len().min(self.values.len())
-        );
         sc.resize(n, 0.0);
-        let (q, kp, vp) = (
-            self.q.as_ptr(),
-            self.keys.as_ptr().add(self.offset),
-            self.values.as_ptr().add(self.offset),
-        );
+        let (q, kp, vp) = (self.q.as_ptr(), self.keys.as_ptr(), self.values.as_ptr());
         let scale = _mm_set1_ps(self.scale);
         let mut j = 0;
         while j + 4 <= n {
@@ -588,7 +639,7 @@ impl Head<'_> {
             for c in (0..hd).step_by(8) {
                 let qv = _mm256_loadu_ps(q.add(c));
                 for (k, a) in acc.iter_mut().enumerate() {
-                    let kv = _mm256_loadu_ps(kp.add((j + k) * self.stride + c));
+                    let kv = T::load8(kp.add((j + k) * hd + c));
                     *a = _mm256_fmadd_ps(qv, kv, *a);
                 }
             }
@@ -602,16 +653,15 @@ impl Head<'_> {
             j += 4;
         }
         for (t, s) in sc.iter_mut().enumerate().skip(j) {
-            let kt = std::slice::from_raw_parts(kp.add(t * self.stride), hd);
-            *s = crate::quant::matmul::dot_f32(self.q, kt) * self.scale;
+            *s = T::dot(self.q, &self.keys[t * hd..][..hd]) * self.scale;
         }
         ops::softmax(sc);
         for c0 in (0..hd).step_by(64) {
             let mut acc = [_mm256_setzero_ps(); 8];
             for (t, &p) in sc.iter().enumerate() {
-                let (p, v) = (_mm256_set1_ps(p), vp.add(t * self.stride + c0));
+                let (p, v) = (_mm256_set1_ps(p), vp.add(t * hd + c0));
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * i)), *a);
+                    *a = _mm256_fmadd_ps(p, T::load8(v.add(8 * i)), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate() {
@@ -625,13 +675,16 @@ impl Head<'_> {
 mod tests {
     use super::*;
 
-    /// The AVX2 attention equals the plain code within float rounding, for head sizes of one and
-    /// two 64-wide slabs, key counts around the four-key step, and a head that is not the first
-    /// of its position (offset, stride).
+    /// The AVX2 attention equals the plain code within float rounding, on f32 and f16 caches, for
+    /// head sizes of one and two 64-wide slabs (and 48, which takes the plain code) and key
+    /// counts around the four-key step.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn attention_avx2_equals_the_plain_code() {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        if !(is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        {
             return;
         }
         let mut seed = 0x9E3779B97F4A7C15u64;
@@ -641,32 +694,39 @@ mod tests {
             seed ^= seed << 17;
             (seed % 20001) as f32 / 10000.0 - 1.0
         };
+        fn check<T: KvValue>(q: &[f32], keys: &[T], values: &[T], what: &str) {
+            let hd = q.len();
+            let head = Head::new(q, keys, values, 1.0 / (hd as f32).sqrt());
+            let (mut want, mut got) = (vec![0f32; hd], vec![7f32; hd]);
+            let (mut s1, mut s2) = (Vec::new(), Vec::new());
+            head.attend(&mut s1, &mut want);
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked by the caller).
+            unsafe { head.attend_avx2(&mut s2, &mut got) };
+            assert_eq!(s1.len(), head.len);
+            for (a, b) in s1.iter().zip(&s2) {
+                assert!((a - b).abs() < 1e-5, "{what}: weights {a} {b}");
+            }
+            for (a, b) in want.iter().zip(&got) {
+                assert!((a - b).abs() < 1e-5, "{what}: output {a} {b}");
+            }
+        }
         for hd in [64usize, 128, 48] {
-            let stride = 3 * hd;
             for len in [1usize, 3, 4, 5, 8, 33, 130] {
-                let keys: Vec<f32> = (0..len * stride).map(|_| 3.0 * next()).collect();
-                let values: Vec<f32> = (0..len * stride).map(|_| next()).collect();
+                let keys: Vec<f32> = (0..len * hd).map(|_| 3.0 * next()).collect();
+                let values: Vec<f32> = (0..len * hd).map(|_| next()).collect();
                 let q: Vec<f32> = (0..hd).map(|_| next()).collect();
-                let head = Head {
-                    q: &q,
-                    keys: &keys,
-                    values: &values,
-                    stride,
-                    offset: hd,
-                    len,
-                    scale: 1.0 / (hd as f32).sqrt(),
+                check(&q, &keys, &values, &format!("f32 hd {hd} len {len}"));
+                let h = |v: &[f32]| {
+                    v.iter()
+                        .map(|&x| half::f16::from_f32(x))
+                        .collect::<Vec<_>>()
                 };
-                let (mut want, mut got) = (vec![0f32; hd], vec![7f32; hd]);
-                let (mut s1, mut s2) = (Vec::new(), Vec::new());
-                head.attend(&mut s1, &mut want);
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { head.attend_avx2(&mut s2, &mut got) };
-                for (a, b) in s1.iter().zip(&s2) {
-                    assert!((a - b).abs() < 1e-5, "hd {hd} len {len}: weights {a} {b}");
-                }
-                for (a, b) in want.iter().zip(&got) {
-                    assert!((a - b).abs() < 1e-5, "hd {hd} len {len}: output {a} {b}");
-                }
+                check(
+                    &q,
+                    &h(&keys),
+                    &h(&values),
+                    &format!("f16 hd {hd} len {len}"),
+                );
             }
         }
     }

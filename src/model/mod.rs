@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 pub use config::{Arch, Config, RopeStyle};
 pub use forward::{Batch, Logits, Observer, State};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvType};
 pub use lora::{Lora, LoraConfig, Target};
 pub use weights::{LayerWeights, TensorSource, Weights};
 
@@ -58,6 +58,8 @@ pub struct Model {
     pub sparse: Option<sparse_ffn::SparseFfn>,
     /// LoRA adapters applied unmerged in every forward pass (`pare run --lora`).
     pub lora: Option<Arc<Lora>>,
+    /// How a fresh state's KV cache stores keys and values (see [`Model::cache_type`]).
+    pub kv_type: KvType,
 }
 
 impl Model {
@@ -94,6 +96,7 @@ impl Model {
             exact_activations: false,
             sparse,
             lora: None,
+            kv_type: KvType::default(),
         })
     }
 
@@ -107,7 +110,18 @@ impl Model {
             exact_activations: false,
             sparse: None,
             lora: None,
+            kv_type: KvType::default(),
         })
+    }
+
+    /// The KV cache type of a fresh state: `kv_type`, except f32 on the exact reference path
+    /// (`exact_activations`), which keeps every value at full precision.
+    pub fn cache_type(&self) -> KvType {
+        if self.exact_activations {
+            KvType::F32
+        } else {
+            self.kv_type
+        }
     }
 
     /// The GGUF file, when the model was loaded from one.

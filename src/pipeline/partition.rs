@@ -238,7 +238,7 @@ pub struct RunShape {
     /// numbers), 1 for generation (sent to the first stage, which holds that row too).
     pub logits_rows: usize,
     pub n_vocab: usize,
-    /// Bytes of one KV cache position of one layer (keys and values, f32).
+    /// Bytes of one KV cache position of one layer (keys and values, in the model's cache type).
     pub kv_bytes_per_pos: usize,
     /// Scratch buffers of one stage's state.
     pub scratch_bytes: usize,
@@ -256,7 +256,7 @@ impl RunShape {
             mb_tokens,
             logits_rows,
             n_vocab: c.n_vocab,
-            kv_bytes_per_pos: 2 * 4 * c.kv_dim(),
+            kv_bytes_per_pos: model.cache_type().bytes_per_position(c),
             scratch_bytes: scratch_bytes(c, n_ctx),
             n_embd: c.n_embd,
             training: None,
