@@ -86,8 +86,12 @@ pub fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // x is NaN only if k is; `as i32` turns NaN into 0 and the product stays NaN.
-    f32::from_bits(((k as i32 + 127) as u32) << 23) * p
+    // 2^k from k + 127 (1..=254) in the exponent bits. Added to 2^23, k + 127 lands in the low
+    // mantissa bits, which the shift moves into the exponent (the rest shifts out): float
+    // arithmetic and a bit cast, so the loops over `exp` stay vectorized (`k as i32`, with its
+    // saturating NaN rule, made the compiler convert lane by lane). A NaN's bits shift to 0, and
+    // 0 · NaN stays NaN.
+    f32::from_bits((k + (127.0 + 8_388_608.0)).to_bits() << 23) * p
 }
 
 /// `gate = silu(gate) * up`, in place; vectorized with the best instruction set the CPU has
