@@ -9,7 +9,11 @@ use super::config::RopeStyle;
 fn rms_scale(x: &[f32], eps: f32) -> f32 {
     let mut part = [0.0f64; 8];
     let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
     for c in chunks {
         for (p, &v) in part.iter_mut().zip(c) {
             *p += (v as f64) * (v as f64);

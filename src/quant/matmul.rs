@@ -228,9 +228,11 @@ fn guided_tiles(
     let mut left: usize = jobs.clone().map(|(rows, _)| rows).sum();
     let mut tiles = Vec::new();
     for (j, (rows, row_bytes)) in jobs.enumerate() {
+        // Tiny rows (a small test model) would ask for more than the cap.
         let min = MIN_TILE_BYTES
             .div_ceil(row_bytes.max(1))
-            .next_multiple_of(4);
+            .next_multiple_of(4)
+            .min(MAX_TILE_ROWS);
         let mut r0 = 0;
         while r0 < rows {
             let share = left.div_ceil(2 * threads);
@@ -277,4 +279,52 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tiles cover every row of every matrix once, in order; each is a multiple of 4 rows (but at a
+    /// matrix's end), at most `MAX_TILE_ROWS`, and at least `MIN_TILE_BYTES` of work unless the
+    /// matrix ends first; and they shrink towards the end of the loop.
+    #[test]
+    fn guided_tiles_cover_every_row_and_shrink() {
+        for threads in [1usize, 2, 3, 8] {
+            for jobs in [
+                vec![(576usize, 360usize), (192, 360), (192, 360)],
+                vec![(1536, 360), (1536, 360)],
+                vec![(49152, 612)],
+                vec![(5, 100_000), (1, 10), (0, 10), (7, 3)],
+            ] {
+                let tiles = guided_tiles(jobs.iter().copied(), threads);
+                let mut next = vec![0usize; jobs.len()];
+                let mut last_job = 0;
+                for &(j, r0, r1) in &tiles {
+                    assert!(j >= last_job, "jobs in order");
+                    last_job = j;
+                    let (rows, row_bytes) = jobs[j];
+                    assert_eq!(r0, next[j], "{jobs:?}: tiles in order, no gap");
+                    assert!(r1 > r0 && r1 <= rows);
+                    let n = r1 - r0;
+                    assert!(n <= MAX_TILE_ROWS);
+                    if r1 < rows {
+                        assert_eq!(n % 4, 0, "{jobs:?}: tile of {n} rows");
+                        assert!(n * row_bytes >= MIN_TILE_BYTES.min(MAX_TILE_ROWS * row_bytes));
+                    }
+                    next[j] = r1;
+                }
+                for (j, &(rows, _)) in jobs.iter().enumerate() {
+                    assert_eq!(next[j], rows, "{jobs:?}: every row of job {j}");
+                }
+                // The gate and up of the FFN at decode: the last tile is far smaller than the
+                // first.
+                if jobs[0] == (1536, 360) && threads == 2 {
+                    let first = tiles[0].2 - tiles[0].1;
+                    let last = tiles.last().map(|t| t.2 - t.1).unwrap();
+                    assert!(last * 4 <= first, "first {first} rows, last {last}");
+                }
+            }
+        }
+    }
 }
