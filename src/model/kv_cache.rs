@@ -131,7 +131,8 @@ impl KvCache {
 
     /// Keys and values of `layer`'s KV head `h` for positions `0..n`.
     pub fn head(&self, layer: usize, h: usize, n: usize) -> HeadKv<'_> {
-        let r = self.head_start(layer, h)..self.head_start(layer, h) + n * self.head_dim;
+        let start = self.head_start(layer, h);
+        let r = start..start + n * self.head_dim;
         match &self.store {
             Store::F16 { k, v } => HeadKv::F16 {
                 k: &k[r.clone()],

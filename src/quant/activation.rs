@@ -139,9 +139,7 @@ unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b, b);
     let d = amax / 127.0;
-    // Zero, non-finite and NaN-holding blocks, and scales whose inverse overflows, go the scalar
-    // way: there NaN products become 0 where the vector clamp would make them −127.
-    if amax == 0.0 || nan != 0 || !amax.is_finite() || !(1.0 / d).is_finite() {
+    if needs_scalar(amax, nan != 0) {
         return quantize_block(x, q);
     }
     let id = _mm512_set1_ps(1.0 / d);
@@ -185,8 +183,7 @@ unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
         _mm256_or_ps(unord[2], unord[3]),
     ));
     let d = amax / 127.0;
-    // As in the AVX-512 path: zero, non-finite and NaN-holding blocks go the scalar way.
-    if amax == 0.0 || nan != 0 || !amax.is_finite() || !(1.0 / d).is_finite() {
+    if needs_scalar(amax, nan != 0) {
         return quantize_block(x, q);
     }
     let id = _mm256_set1_ps(1.0 / d);
@@ -209,6 +206,16 @@ unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
     (f16_or_f32(d), f16_or_f32(d * sum as f32), sum)
+}
+
+/// Whether a SIMD block quantizer must hand a block (largest |x| `amax`, any NaN in `has_nan`)
+/// to the scalar [`quantize_block`] to give its bits: zero, non-finite and NaN-holding blocks,
+/// and scales whose inverse overflows. There NaN products become 0 where the vector clamp would
+/// make them −127.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn needs_scalar(amax: f32, has_nan: bool) -> bool {
+    amax == 0.0 || has_nan || !amax.is_finite() || !(1.0 / (amax / 127.0)).is_finite()
 }
 
 /// `v` rounded to f16 precision, as ggml stores block scales and sums; values past f16's range
